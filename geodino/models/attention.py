@@ -17,7 +17,9 @@ class LinearKMaskedBias(nn.Linear):
     the mask changes outputs and must be loaded with the checkpoint.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
         if out_features % 3 != 0:
             raise ValueError(f"a fused qkv projection needs out_features divisible by 3, got {out_features}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)

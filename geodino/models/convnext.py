@@ -37,7 +37,9 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value)) if layer_scale_init_value > 0 else None
+        self.gamma = (
+            nn.Parameter(torch.full((dim,), layer_scale_init_value)) if layer_scale_init_value > 0 else None
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -75,18 +77,26 @@ class ConvNeXt(nn.Module):
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"ConvNeXt needs 4 stages, got depths={list(depths)} dims={list(dims)}")
         self.downsample_layers = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))]
+            [
+                nn.Sequential(
+                    nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6)
+                )
+            ]
         )
         for i in range(3):
             self.downsample_layers.append(
-                nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2))
+                nn.Sequential(
+                    LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)
+                )
             )
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             start = sum(depths[:i])
             self.stages.append(
-                nn.Sequential(*(ConvNeXtBlock(dims[i], rates[start + j], layer_scale_init_value) for j in range(depth)))
+                nn.Sequential(
+                    *(ConvNeXtBlock(dims[i], rates[start + j], layer_scale_init_value) for j in range(depth))
+                )
             )
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         # official quirk kept for strict loading: stage norms for get_intermediate_layers, the last one
@@ -113,7 +123,9 @@ class ConvNeXt(nn.Module):
     def _stage(self, x: Tensor, i: int) -> Tensor:
         return self.stages[i](self.downsample_layers[i](x))
 
-    def forward_features_list(self, x_list: Sequence[Tensor], masks_list: Sequence[Tensor | None]) -> list[FeatureDict]:
+    def forward_features_list(
+        self, x_list: Sequence[Tensor], masks_list: Sequence[Tensor | None]
+    ) -> list[FeatureDict]:
         out = []
         for x, masks in zip(x_list, masks_list, strict=True):
             for i in range(4):
@@ -182,7 +194,9 @@ class ConvNeXt(nn.Module):
             results.append((patches, pooled) if return_class_token else patches)
         return tuple(results)
 
-    def forward(self, *args: Any, is_training: bool = False, **kwargs: Any) -> Tensor | FeatureDict | list[FeatureDict]:
+    def forward(
+        self, *args: Any, is_training: bool = False, **kwargs: Any
+    ) -> Tensor | FeatureDict | list[FeatureDict]:
         """The normalised pooled embedding [B, C], or the feature dict(s) with ``is_training``."""
         features = self.forward_features(*args, **kwargs)
         return features if is_training else self.head(features["x_norm_clstoken"])

@@ -57,7 +57,7 @@ class BackbonePreset:
         std: per-channel std of [0, 1] RGB for these weights.
         params_m: parameter count, millions (official model card).
         checkpoint: official file name (hash included); weights are gated and never downloaded here.
-        hf_id: Hugging Face transformers id of the same weights.
+        hf_id: Hugging Face transformers id of the same weights (None where none is published).
         timm_name: timm model name of the same weights (None where timm has none).
     """
 
@@ -69,7 +69,7 @@ class BackbonePreset:
     std: tuple[float, float, float]
     params_m: float
     checkpoint: str
-    hf_id: str
+    hf_id: str | None
     timm_name: str | None = None
     license: str = DINOV3_LICENSE
     notes: str = field(default="", compare=False)
@@ -102,7 +102,9 @@ class BackbonePreset:
         return self.kwargs["depth"] if self.family == "vit" else 4
 
 
-def _vit(arch: str, tag: str, params_m: float, hf: str, timm: str | None, file_hash: str, **arch_kwargs) -> BackbonePreset:
+def _vit(
+    arch: str, tag: str, params_m: float, hf: str | None, timm: str | None, file_hash: str, **arch_kwargs
+) -> BackbonePreset:
     sat = tag == "sat493m"
     return BackbonePreset(
         name=f"{arch}.{tag}",
@@ -113,17 +115,25 @@ def _vit(arch: str, tag: str, params_m: float, hf: str, timm: str | None, file_h
         std=SAT_STD if sat else WEB_STD,
         params_m=params_m,
         checkpoint=f"{arch}_pretrain_{tag}-{file_hash}.pth",
-        hf_id=f"facebook/{hf}-pretrain-{tag}",
+        hf_id=f"facebook/{hf}-pretrain-{tag}" if hf else None,
         timm_name=f"{timm}.{tag}" if timm else None,
     )
 
 
-def _convnext(arch: str, depths: list[int], dims: list[int], params_m: float, file_hash: str) -> BackbonePreset:
+def _convnext(
+    arch: str, depths: list[int], dims: list[int], params_m: float, file_hash: str
+) -> BackbonePreset:
     size = arch.removeprefix("dinov3_convnext_")
     return BackbonePreset(
         name=f"{arch}.lvd1689m",
         family="convnext",
-        kwargs={"in_chans": 3, "depths": depths, "dims": dims, "drop_path_rate": 0.0, "layer_scale_init_value": 1e-6},
+        kwargs={
+            "in_chans": 3,
+            "depths": depths,
+            "dims": dims,
+            "drop_path_rate": 0.0,
+            "layer_scale_init_value": 1e-6,
+        },
         dataset="LVD-1689M",
         mean=WEB_MEAN,
         std=WEB_STD,
@@ -138,21 +148,88 @@ _S = {"embed_dim": 384, "depth": 12, "num_heads": 6}
 _B = {"embed_dim": 768, "depth": 12, "num_heads": 12}
 _L = {"embed_dim": 1024, "depth": 24, "num_heads": 16}
 _H = {"embed_dim": 1280, "depth": 32, "num_heads": 20}
-_7B = {"embed_dim": 4096, "depth": 40, "num_heads": 32, "ffn_ratio": 3, "ffn_layer": "swiglu64", "qkv_bias": False}
+_7B = {
+    "embed_dim": 4096,
+    "depth": 40,
+    "num_heads": 32,
+    "ffn_ratio": 3,
+    "ffn_layer": "swiglu64",
+    "qkv_bias": False,
+}
 _MLP = {"ffn_ratio": 4, "ffn_layer": "mlp", "qkv_bias": True}
 _SWIGLU = {"ffn_ratio": 6, "ffn_layer": "swiglu", "qkv_bias": True}
 _UNTIED = {"untie_global_and_local_cls_norm": True}
 
 _ALL = [
-    _vit("dinov3_vits16", "lvd1689m", 21, "dinov3-vits16", "vit_small_patch16_dinov3", "08c60483", **_S, **_MLP),
-    _vit("dinov3_vits16plus", "lvd1689m", 29, "dinov3-vits16plus", "vit_small_plus_patch16_dinov3", "4057cbaa", **_S, **_SWIGLU),
-    _vit("dinov3_vitb16", "lvd1689m", 86, "dinov3-vitb16", "vit_base_patch16_dinov3", "73cec8be", **_B, **_MLP),
-    _vit("dinov3_vitl16", "lvd1689m", 300, "dinov3-vitl16", "vit_large_patch16_dinov3", "8aa4cbdd", **_L, **_MLP),
-    _vit("dinov3_vitl16", "sat493m", 300, "dinov3-vitl16", "vit_large_patch16_dinov3", "eadcf0ff", **_L, **_MLP, **_UNTIED),
-    _vit("dinov3_vitl16plus", "lvd1689m", 300, "dinov3-vitl16plus", None, "46503df0", **_L, **_SWIGLU),
-    _vit("dinov3_vith16plus", "lvd1689m", 840, "dinov3-vith16plus", "vit_huge_plus_patch16_dinov3", "7c1da9a5", **_H, **_SWIGLU),
-    _vit("dinov3_vit7b16", "lvd1689m", 6716, "dinov3-vit7b16", "vit_7b_patch16_dinov3", "a955f4ea", **_7B, **_UNTIED),
-    _vit("dinov3_vit7b16", "sat493m", 6716, "dinov3-vit7b16", "vit_7b_patch16_dinov3", "a6675841", **_7B, **_UNTIED),
+    _vit(
+        "dinov3_vits16", "lvd1689m", 21, "dinov3-vits16", "vit_small_patch16_dinov3", "08c60483", **_S, **_MLP
+    ),
+    _vit(
+        "dinov3_vits16plus",
+        "lvd1689m",
+        29,
+        "dinov3-vits16plus",
+        "vit_small_plus_patch16_dinov3",
+        "4057cbaa",
+        **_S,
+        **_SWIGLU,
+    ),
+    _vit(
+        "dinov3_vitb16", "lvd1689m", 86, "dinov3-vitb16", "vit_base_patch16_dinov3", "73cec8be", **_B, **_MLP
+    ),
+    _vit(
+        "dinov3_vitl16",
+        "lvd1689m",
+        300,
+        "dinov3-vitl16",
+        "vit_large_patch16_dinov3",
+        "8aa4cbdd",
+        **_L,
+        **_MLP,
+    ),
+    _vit(
+        "dinov3_vitl16",
+        "sat493m",
+        300,
+        "dinov3-vitl16",
+        "vit_large_patch16_dinov3",
+        "eadcf0ff",
+        **_L,
+        **_MLP,
+        **_UNTIED,
+    ),
+    # hub entry point (backbone of the released detector); not on the model card, no timm/HF copy
+    _vit("dinov3_vitl16plus", "lvd1689m", 404, None, None, "46503df0", **_L, **_SWIGLU),
+    _vit(
+        "dinov3_vith16plus",
+        "lvd1689m",
+        840,
+        "dinov3-vith16plus",
+        "vit_huge_plus_patch16_dinov3",
+        "7c1da9a5",
+        **_H,
+        **_SWIGLU,
+    ),
+    _vit(
+        "dinov3_vit7b16",
+        "lvd1689m",
+        6716,
+        "dinov3-vit7b16",
+        "vit_7b_patch16_dinov3",
+        "a955f4ea",
+        **_7B,
+        **_UNTIED,
+    ),
+    _vit(
+        "dinov3_vit7b16",
+        "sat493m",
+        6716,
+        "dinov3-vit7b16",
+        "vit_7b_patch16_dinov3",
+        "a6675841",
+        **_7B,
+        **_UNTIED,
+    ),
     _convnext("dinov3_convnext_tiny", [3, 3, 9, 3], [96, 192, 384, 768], 29, "21b726bb"),
     _convnext("dinov3_convnext_small", [3, 3, 27, 3], [96, 192, 384, 768], 50, "296db49d"),
     _convnext("dinov3_convnext_base", [3, 3, 27, 3], [128, 256, 512, 1024], 89, "801f2ba9"),

@@ -81,7 +81,9 @@ class RopePositionEmbedding(nn.Module):
             periods = self.base**exponents
         else:
             ratio = self.max_period / self.min_period
-            periods = ratio ** torch.linspace(0, 1, n, device=device, dtype=self.dtype) / ratio * self.max_period
+            periods = (
+                ratio ** torch.linspace(0, 1, n, device=device, dtype=self.dtype) / ratio * self.max_period
+            )
         self.periods.data = periods
 
     def _coords(self, height: int, width: int) -> Tensor:
@@ -112,7 +114,7 @@ class RopePositionEmbedding(nn.Module):
             coords = coords * torch.empty(1, **dd).uniform_(-log_r, log_r).exp()
         return coords
 
-    def forward(self, *, H: int, W: int) -> tuple[Tensor, Tensor]:  # noqa: N803 (official names)
+    def forward(self, *, H: int, W: int) -> tuple[Tensor, Tensor]:
         """Return ``(sin, cos)``, each [H*W, D], for a grid of H x W patches."""
         coords = self._coords(H, W)
         angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # [HW, 2, D/4]

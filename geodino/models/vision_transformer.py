@@ -72,7 +72,9 @@ class DinoVisionTransformer(nn.Module):
         if norm_layer not in NORM_LAYERS:
             raise ValueError(f"unknown norm_layer {norm_layer!r}; choose one of {sorted(NORM_LAYERS)}")
         if pos_embed_rope_dtype not in ROPE_DTYPES:
-            raise ValueError(f"unknown pos_embed_rope_dtype {pos_embed_rope_dtype!r}; choose {sorted(ROPE_DTYPES)}")
+            raise ValueError(
+                f"unknown pos_embed_rope_dtype {pos_embed_rope_dtype!r}; choose {sorted(ROPE_DTYPES)}"
+            )
         norm = NORM_LAYERS[norm_layer]
         self.embed_dim = self.num_features = embed_dim
         self.n_blocks = depth
@@ -156,7 +158,9 @@ class DinoVisionTransformer(nn.Module):
             if hasattr(module, "gamma") and isinstance(module.gamma, nn.Parameter):
                 module.gamma.fill_(module.init_values)
 
-    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
+    def prepare_tokens_with_masks(
+        self, x: Tensor, masks: Tensor | None = None
+    ) -> tuple[Tensor, tuple[int, int]]:
         """Embed [B, C, H, W] into [B, 1 + n_storage + h*w, E]; masked patches take ``mask_token``.
 
         Args:
@@ -191,9 +195,13 @@ class DinoVisionTransformer(nn.Module):
             return x_norm[:, :p], x_norm[:, p:]
         return prefix_norm(x[:, :p]), self.norm(x[:, p:])
 
-    def forward_features_list(self, x_list: Sequence[Tensor], masks_list: Sequence[Tensor | None]) -> list[FeatureDict]:
+    def forward_features_list(
+        self, x_list: Sequence[Tensor], masks_list: Sequence[Tensor | None]
+    ) -> list[FeatureDict]:
         """Run several crop sizes through the blocks together; one output dict per crop tensor."""
-        tokens, grids = zip(*(self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list, strict=True)))
+        tokens, grids = zip(
+            *(self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list, strict=True))
+        )
         x = list(tokens)
         for blk in self.blocks:
             # official behaviour: the RoPE table (and its training-time augmentation) is drawn per block
@@ -230,7 +238,9 @@ class DinoVisionTransformer(nn.Module):
         take = set(range(self.n_blocks - n, self.n_blocks)) if isinstance(n, int) else set(n)
         bad = sorted(i for i in take if not 0 <= i < self.n_blocks)
         if bad or not take:
-            raise ValueError(f"block indices {bad or list(take)} out of range for a ViT with {self.n_blocks} blocks")
+            raise ValueError(
+                f"block indices {bad or list(take)} out of range for a ViT with {self.n_blocks} blocks"
+            )
         x, (h, w) = self.prepare_tokens_with_masks(x)
         out = []
         for i, blk in enumerate(self.blocks):
@@ -285,7 +295,9 @@ class DinoVisionTransformer(nn.Module):
             parts.append(extra_tokens)
         return tuple(patches) if len(parts) == 1 else tuple(zip(*parts))
 
-    def forward(self, *args: Any, is_training: bool = False, **kwargs: Any) -> Tensor | FeatureDict | list[FeatureDict]:
+    def forward(
+        self, *args: Any, is_training: bool = False, **kwargs: Any
+    ) -> Tensor | FeatureDict | list[FeatureDict]:
         """The CLS embedding [B, E] (``head`` is identity), or the feature dict(s) with ``is_training``."""
         features = self.forward_features(*args, **kwargs)
         return features if is_training else self.head(features["x_norm_clstoken"])
