@@ -50,7 +50,7 @@ def test_official_pth_loads_strictly_and_reproduces_outputs(vits16_file):
 
 @torch.no_grad()
 def test_safetensors_and_training_container(vits16_file, tmp_path):
-    path, state = vits16_file
+    _, state = vits16_file
     st = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(st))
     wrapped = tmp_path / "training.pth"

@@ -63,5 +63,5 @@ def test_7b_has_no_qkv_bias_and_swiglu64():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(KeyError, match="dinov3_vits16.lvd1689m"):
+    with pytest.raises(KeyError, match=r"dinov3_vits16\.lvd1689m"):
         get_preset("dinov3_vitz16")

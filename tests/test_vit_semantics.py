@@ -1,4 +1,4 @@
-"""Behaviour of the ViT options that the shared fixture does not exercise, checked against first principles."""
+"""ViT options that the shared fixture does not exercise, checked against first principles."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def test_untied_cls_and_patch_norms():
     with torch.no_grad():
         out = model.forward_features(x)
         torch.testing.assert_close(out["x_storage_tokens"], model.cls_norm(out["x_prenorm"][:, 1:3]))
-        ((patch, cls),) = model.get_intermediate_layers(x, return_class_token=True)
+        ((_, cls),) = model.get_intermediate_layers(x, return_class_token=True)
         torch.testing.assert_close(cls, out["x_norm_clstoken"])
 
 

@@ -147,7 +147,7 @@ class ConvNeXt(nn.Module):
     def forward_features(
         self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None
     ) -> FeatureDict | list[FeatureDict]:
-        """Same dictionaries as the ViT: pooled 'CLS' [B, C], no storage tokens, stage-3 tokens [B, h*w, C]."""
+        """ViT-like dicts: pooled 'CLS' [B, C], no storage tokens, stage-3 tokens [B, h*w, C]."""
         if isinstance(x, Tensor):
             return self.forward_features_list([x], [masks])[0]
         return self.forward_features_list(x, masks if masks is not None else [None] * len(x))

@@ -199,10 +199,9 @@ class DinoVisionTransformer(nn.Module):
         self, x_list: Sequence[Tensor], masks_list: Sequence[Tensor | None]
     ) -> list[FeatureDict]:
         """Run several crop sizes through the blocks together; one output dict per crop tensor."""
-        tokens, grids = zip(
-            *(self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list, strict=True))
-        )
-        x = list(tokens)
+        prepared = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list, strict=True)]
+        x = [tokens for tokens, _ in prepared]
+        grids = [grid for _, grid in prepared]
         for blk in self.blocks:
             # official behaviour: the RoPE table (and its training-time augmentation) is drawn per block
             x = blk(x, [self.rope_embed(H=h, W=w) for h, w in grids])
@@ -293,7 +292,7 @@ class DinoVisionTransformer(nn.Module):
             parts.append(class_tokens)
         if return_extra_tokens:
             parts.append(extra_tokens)
-        return tuple(patches) if len(parts) == 1 else tuple(zip(*parts))
+        return tuple(patches) if len(parts) == 1 else tuple(zip(*parts, strict=True))
 
     def forward(
         self, *args: Any, is_training: bool = False, **kwargs: Any
