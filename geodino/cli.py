@@ -91,7 +91,7 @@ def run_demo(out: Path, backbone: str, weights: Path | None, size: int, seed: in
     """The ``demo`` subcommand; returns the exit status."""
     from geodino.data import make_scene
     from geodino.inference import embed_raster, pca_rgb, read_rgb, write_quicklook, write_rgb_geotiff
-    from geodino.models import get_preset
+    from geodino.models import CheckpointError, get_preset
 
     try:
         preset = get_preset(backbone)
@@ -110,7 +110,7 @@ def run_demo(out: Path, backbone: str, weights: Path | None, size: int, seed: in
     start = time.perf_counter()
     try:
         model = _backbone(preset, weights, seed).eval()
-    except ValueError as err:  # CheckpointError: the file does not fit this preset; the message says how
+    except CheckpointError as err:  # unreadable, or does not fit this preset; the message says which
         return _error(str(err))
     scene = make_scene(out / "scene.tif", size=size, seed=seed, labels_path=out / "labels.tif")
 
