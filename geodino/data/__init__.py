@@ -10,14 +10,32 @@ from geodino.data.synthetic import (
     make_scene,
     render_reflectance,
 )
+from geodino.data.tiling import (
+    Chip,
+    RasterFileError,
+    RasterTiler,
+    coverage_count,
+    grid_windows,
+    mosaic_owned,
+    owned_windows,
+    read_chip,
+)
 
 __all__ = [
     "BAND_NAMES",
     "CLASS_COLORS",
+    "Chip",
     "LandCover",
     "Landscape",
+    "RasterFileError",
+    "RasterTiler",
     "SceneInfo",
+    "coverage_count",
+    "grid_windows",
     "make_landscape",
     "make_scene",
+    "mosaic_owned",
+    "owned_windows",
+    "read_chip",
     "render_reflectance",
 ]
