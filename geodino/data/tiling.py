@@ -242,21 +242,23 @@ class Chip:
 
 
 def _valid_from_image(
-    src: rasterio.DatasetReader, image: np.ndarray, bands: Sequence[int]
+    src: rasterio.DatasetReader, image: np.ndarray, bands: Sequence[int], nodata: float | None = None
 ) -> np.ndarray | None:
     """Valid mask ``[h, w]`` of pixels read from ``bands``, with ``dataset_mask`` semantics.
 
     A pixel is valid when at least one selected band is valid (GDAL's dataset mask ORs band masks) and
-    no selected band is NaN. None when the mask cannot be derived from the pixels (mask band, alpha).
+    no selected band is NaN. ``nodata`` overrides the file's own nodata value and masks (for files with
+    an undeclared fill value). None when the mask cannot be derived from the pixels (mask band, alpha).
     """
     flags = [src.mask_flag_enums[b - 1] for b in bands]
-    if all(MaskFlags.all_valid in f for f in flags):
-        valid = np.ones(image.shape[1:], dtype=bool)
-    elif all(MaskFlags.nodata in f for f in flags) and src.nodata is not None:
-        # Cheaper than read_masks: derive the mask from the pixels already in memory.
+    if nodata is None and all(MaskFlags.nodata in f for f in flags) and src.nodata is not None:
         nodata = src.nodata
+    if nodata is not None:
+        # Cheaper than read_masks: derive the mask from the pixels already in memory.
         invalid = np.isnan(image) if np.isnan(nodata) else image == np.asarray(nodata).astype(image.dtype)
         valid = ~invalid.all(axis=0)
+    elif all(MaskFlags.all_valid in f for f in flags):
+        valid = np.ones(image.shape[1:], dtype=bool)
     else:
         return None
     if np.issubdtype(image.dtype, np.floating):
@@ -270,6 +272,7 @@ def read_chip(
     *,
     bands: Sequence[int] | None = None,
     fill: float | None = None,
+    nodata: float | None = None,
     owned: Window | None = None,
 ) -> Chip:
     """Read one window of an open raster, padding where it extends past the raster edges.
@@ -278,7 +281,9 @@ def read_chip(
         src: An open rasterio dataset.
         window: Window in source pixels; may extend past the raster (boundless read).
         bands: 1-based band indexes to read; all bands by default.
-        fill: Value of pixels outside the raster; defaults to the declared nodata, else 0.
+        fill: Value of pixels outside the raster; defaults to the nodata value, else 0.
+        nodata: Value marking invalid pixels, overriding the file's nodata and masks (for an
+            undeclared fill value such as the zero collar of some Landsat scenes); the file's by default.
         owned: Owned part of ``window``, stored on the chip for stitching.
 
     Returns:
@@ -286,7 +291,8 @@ def read_chip(
     """
     bands = list(range(1, src.count + 1)) if bands is None else [int(b) for b in bands]
     if fill is None:
-        fill = src.nodata if src.nodata is not None else 0
+        marker = src.nodata if nodata is None else nodata
+        fill = marker if marker is not None else 0
     r0, c0, r1, c1 = _int_bounds(window)
     h, w = r1 - r0, c1 - c0
     dtype = np.result_type(*[src.dtypes[b - 1] for b in bands])
@@ -302,7 +308,7 @@ def read_chip(
         data = src.read(bands, window=inner)
         sl = (slice(ir0 - r0, ir1 - r0), slice(ic0 - c0, ic1 - c0))
         image[(slice(None), *sl)] = data
-        v = _valid_mask(src, data, bands, window=inner)
+        v = _valid_mask(src, data, bands, window=inner, nodata=nodata)
         valid[sl] = v
 
     return Chip(
@@ -332,7 +338,7 @@ def _open(path: Path) -> rasterio.DatasetReader:
         ) from e
 
 
-def _has_valid_pixel(src: rasterio.DatasetReader, bands: Sequence[int]) -> bool:
+def _has_valid_pixel(src: rasterio.DatasetReader, bands: Sequence[int], nodata: float | None = None) -> bool:
     """Whether any pixel of ``bands`` is valid; cheap for the common cases.
 
     First a decimated read of the mask (uses overviews when present, at most 256 px on the long side);
@@ -341,17 +347,17 @@ def _has_valid_pixel(src: rasterio.DatasetReader, bands: Sequence[int]) -> bool:
     """
     flags = [src.mask_flag_enums[b - 1] for b in bands]
     floating = any(np.issubdtype(np.dtype(src.dtypes[b - 1]), np.floating) for b in bands)
-    if all(MaskFlags.all_valid in f for f in flags) and not floating:
+    if nodata is None and all(MaskFlags.all_valid in f for f in flags) and not floating:
         return True
     scale = max(src.height, src.width) / 256
     if scale > 1:
         shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
         data = src.read(bands, out_shape=(len(bands), *shape))
-        if _valid_mask(src, data, bands, out_shape=shape).any():
+        if _valid_mask(src, data, bands, out_shape=shape, nodata=nodata).any():
             return True
     for _, win in src.block_windows(bands[0]):
         data = src.read(bands, window=win)
-        if _valid_mask(src, data, bands, window=win).any():
+        if _valid_mask(src, data, bands, window=win, nodata=nodata).any():
             return True
     return False
 
@@ -363,9 +369,10 @@ def _valid_mask(
     *,
     window: Window | None = None,
     out_shape: tuple[int, int] | None = None,
+    nodata: float | None = None,
 ) -> np.ndarray:
     """Valid mask ``[h, w]`` of ``data`` (already read from ``bands`` at ``window`` or ``out_shape``)."""
-    valid = _valid_from_image(src, data, bands)
+    valid = _valid_from_image(src, data, bands, nodata)
     if valid is not None:
         return valid
     # Internal/external mask band or alpha: ask GDAL (dataset_mask semantics: OR of the band masks).
@@ -389,7 +396,9 @@ class RasterTiler:
         stride: Step between chips in pixels (``1 <= stride <= size``); defaults to ``size``.
         pad: See :func:`grid_windows`. With False the raster must be at least ``size`` pixels each way.
         bands: 1-based band indexes to read; all bands by default.
-        fill: Value of pixels outside the raster; defaults to the declared nodata, else 0.
+        fill: Value of pixels outside the raster; defaults to the nodata value, else 0.
+        nodata: Value marking invalid pixels, overriding the file's nodata and masks (for an undeclared
+            fill value); the file's by default.
         check_valid: Refuse a raster without any valid pixel (cheap decimated check first).
 
     Raises:
@@ -407,6 +416,7 @@ class RasterTiler:
         pad: bool = True,
         bands: Sequence[int] | None = None,
         fill: float | None = None,
+        nodata: float | None = None,
         check_valid: bool = True,
     ) -> None:
         self.path = Path(path)
@@ -420,7 +430,8 @@ class RasterTiler:
             self.height, self.width, self.count = src.height, src.width, src.count
             self.crs: CRS = src.crs
             self.transform: Affine = src.transform
-            self.nodata = src.nodata
+            self.nodata = src.nodata if nodata is None else nodata
+            self._nodata_override = nodata
             self.bands = list(range(1, src.count + 1)) if bands is None else [int(b) for b in bands]
             bad = [b for b in self.bands if not 1 <= b <= src.count]
             if bad or not self.bands:
@@ -438,7 +449,7 @@ class RasterTiler:
                 )
             if check_valid:
                 try:
-                    has_valid = _has_valid_pixel(src, self.bands)
+                    has_valid = _has_valid_pixel(src, self.bands, nodata)
                 except RasterioIOError as e:
                     raise RasterFileError(
                         f"{self.path}: cannot read raster (corrupt or truncated?): {e}"
@@ -470,7 +481,12 @@ class RasterTiler:
             raise IndexError(f"chip index {index} out of range for {len(self)} chips of {self.path}")
         try:
             return read_chip(
-                self.src, self.windows[index], bands=self.bands, fill=self.fill, owned=self.owned[index]
+                self.src,
+                self.windows[index],
+                bands=self.bands,
+                fill=self.fill,
+                nodata=self._nodata_override,
+                owned=self.owned[index],
             )
         except RasterioIOError as e:
             raise RasterFileError(
