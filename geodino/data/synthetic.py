@@ -511,7 +511,9 @@ def to_digital_numbers(reflectance: np.ndarray, valid: np.ndarray, dtype: str, n
     return dn
 
 
-def _check_args(size: int, bands: int, gsd: float, dtype: str, nodata: int) -> None:
+def _check_args(size: int, bands: int, gsd: float, dtype: str, nodata: int, block_size: int) -> None:
+    if block_size < 16 or block_size % 16:
+        raise ValueError(f"block_size={block_size}: GeoTIFF tiles must be a positive multiple of 16 pixels")
     if size < 32:
         raise ValueError(f"size={size}: a scene needs at least 32 x 32 pixels")
     if bands not in (3, 4):
@@ -562,6 +564,7 @@ def make_scene(
     nodata: int = 0,
     dtype: str = "uint16",
     labels_path: str | Path | None = None,
+    block_size: int = 256,
 ) -> SceneInfo:
     """Write a synthetic very-high-resolution scene as a tiled, DEFLATE-compressed GeoTIFF.
 
@@ -576,6 +579,7 @@ def make_scene(
         nodata: value outside the acquisition footprint (0, or above the valid range of ``dtype``).
         dtype: "uint16" (reflectance x 10 000) or "uint8" (visual product).
         labels_path: if given, also write the land-cover map there (uint8, same grid, colour table).
+        block_size: side of the GeoTIFF's internal tiles, pixels (a multiple of 16).
 
     Returns:
         :class:`SceneInfo` with the transform, CRS and ground truth.
@@ -583,7 +587,7 @@ def make_scene(
     Raises:
         ValueError: an argument out of range (the message says which and what is allowed).
     """
-    _check_args(size, bands, gsd, dtype, nodata)
+    _check_args(size, bands, gsd, dtype, nodata, block_size)
     path = Path(path)
     crs_obj = CRS.from_user_input(crs)
     transform = Affine(gsd, 0.0, origin[0], 0.0, -gsd, origin[1])  # north-up, upper-left origin
@@ -602,8 +606,8 @@ def make_scene(
         "transform": transform,
         "nodata": nodata,
         "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
+        "blockxsize": block_size,
+        "blockysize": block_size,
         "compress": "deflate",
         "predictor": 2,
         "interleave": "pixel",

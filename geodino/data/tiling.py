@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import rasterio
@@ -34,6 +35,7 @@ from rasterio.windows import Window
 
 __all__ = [
     "Chip",
+    "ChipRef",
     "RasterFileError",
     "RasterTiler",
     "coverage_count",
@@ -214,6 +216,18 @@ def mosaic_owned(
 
 
 # ------------------------------------------------------------------------------------------- chips
+
+
+class ChipRef(NamedTuple):
+    """A chip not read yet: a window of the ``raster``-th raster of a collection (e.g. a corpus).
+
+    Attributes:
+        raster: Index of the raster in its collection.
+        window: Window in that raster's source pixels.
+    """
+
+    raster: int
+    window: Window
 
 
 @dataclass
