@@ -1,0 +1,53 @@
+"""iBOT masked-patch loss (``dinov3/loss/ibot_patch_loss.py``, ``iBOTPatchLoss.forward_masked``)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["iBOTPatchLoss"]
+
+
+class iBOTPatchLoss(nn.Module):
+    """Cross-entropy between teacher targets and student scores at the masked patches.
+
+    Each masked patch contributes CE = −Σ_k p[k] · log_softmax(z / τ_s)[k] weighted by 1 / (number of
+    masked patches in its image), so every masked image weighs the same; the weighted sum is divided by the
+    number of global-crop images (masked or not, 2B per process). Teacher targets are the iBOT-head logits
+    of the *unmasked* teacher crops at the masked positions, centred by
+    :func:`~geodino.train.losses.sinkhorn_knopp` over all masked patches; they are detached here.
+
+    Rows of ``student_logits`` / ``teacher_probs`` are the masked patches in the order of
+    ``masks.flatten().nonzero()`` (image-major, then patch index), i.e.
+    ``tokens.flatten(0, 1)[masks.flatten()]``.
+
+    Args:
+        student_temp: Student temperature τ_s.
+    """
+
+    def __init__(self, student_temp: float = 0.1) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+
+    def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
+        """Masked-patch loss, in float32.
+
+        Args:
+            student_logits: Student iBOT-head outputs at the masked patches [M, K].
+            teacher_probs: Teacher targets at the same patches [M, K], rows summing to 1.
+            masks: Boolean iBOT masks of the student global crops [2B, P]; M = ``masks.sum()``.
+
+        Returns:
+            Scalar loss.
+        """
+        n_masked = int(masks.sum())
+        if student_logits.shape[0] != n_masked or teacher_probs.shape[0] != n_masked:
+            raise ValueError(
+                f"expected {n_masked} masked-patch rows, got student {tuple(student_logits.shape)} and "
+                f"teacher {tuple(teacher_probs.shape)}"
+            )
+        log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+        patch_ce = -(teacher_probs.detach().float() * log_probs).sum(dim=-1)  # [M]
+        per_image = masks.sum(dim=-1, keepdim=True).clamp(min=1)  # [2B, 1]
+        weights = (1.0 / per_image).expand_as(masks)[masks]  # [M]
+        return (patch_ce * weights).sum() / masks.shape[0]
