@@ -2,10 +2,14 @@
 
 from geodino.data.synthetic import (
     BAND_NAMES,
+    CANOPY_NODATA,
+    CHANGE_NODATA,
     CLASS_COLORS,
+    ChangePair,
     LandCover,
     Landscape,
     SceneInfo,
+    make_change_pair,
     make_landscape,
     make_scene,
     render_reflectance,
@@ -23,7 +27,10 @@ from geodino.data.tiling import (
 
 __all__ = [
     "BAND_NAMES",
+    "CANOPY_NODATA",
+    "CHANGE_NODATA",
     "CLASS_COLORS",
+    "ChangePair",
     "Chip",
     "LandCover",
     "Landscape",
@@ -32,6 +39,7 @@ __all__ = [
     "SceneInfo",
     "coverage_count",
     "grid_windows",
+    "make_change_pair",
     "make_landscape",
     "make_scene",
     "mosaic_owned",
