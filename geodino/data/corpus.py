@@ -1,0 +1,679 @@
+"""A raster corpus: the index of a set of GeoTIFFs that pretraining, curation and training read through.
+
+:meth:`RasterCorpus.from_paths` opens every raster once and records what later stages need without
+reopening it: the footprint in EPSG:4326, CRS, ground sample distance (GSD), grid size, bands, dtype,
+nodata, a coarse valid-pixel map (:class:`~geodino.data.validity.ValidMap`) and, pooled over the corpus,
+per-band percentiles that map raw digital numbers (uint8, uint16 reflectance, int16, float) to the
+model's input range [0, 1]. The index is a ``geopandas.GeoDataFrame`` saved as GeoParquet.
+
+Each raster is read on its **read grid**: its own pixel grid, or, when a target ``crs`` and/or ``gsd`` is
+given, the grid of a ``rasterio.vrt.WarpedVRT`` reprojecting it on the fly. Chip windows (:class:`ChipRef`,
+chip tables) are in pixels of the read grid.
+
+Typical use::
+
+    corpus = RasterCorpus.from_paths("scenes/", bands=["red", "green", "blue"])
+    corpus.save("corpus.parquet")
+    corpus = RasterCorpus.load("corpus.parquet")
+    dataset = CorpusDataset(corpus, refs=[ChipRef(0, Window(0, 0, 224, 224))])
+    chip = dataset[0]  # chip.image float32 [3, 224, 224] in [0, 1]
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import operator
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rasterio
+import shapely
+import torch.utils.data
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import calculate_default_transform
+from rasterio.warp import transform as transform_coords
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from geodino.data.tiling import (
+    Chip,
+    ChipRef,
+    RasterFileError,
+    _has_valid_pixel,
+    _open,
+    _valid_mask,
+    read_chip,
+)
+from geodino.data.validity import ValidMap, read_valid_map
+
+__all__ = ["CorpusDataset", "RasterCorpus", "ReadSettings"]
+
+#: Longest side (pixels) of the decimated read used for the scaling sample and the fill check.
+_DECIMATED_SIDE = 512
+#: Most pixels per band pooled over the corpus for the scaling percentiles.
+_SCALING_SAMPLES = 1_000_000
+#: Points per edge when densifying footprints before reprojection (rasterio's transform_bounds default).
+_RASTER_EDGE_POINTS = 21
+#: Chips are small: a few points per edge keep their reprojected edges accurate.
+_CHIP_EDGE_POINTS = 4
+#: Key of the corpus settings in the GeoParquet metadata.
+_SETTINGS_KEY = "geodino.corpus"
+_VALID_MAP_COLUMNS = ("valid_map", "valid_map_rows", "valid_map_cols")
+
+Band = int | str
+Handle = rasterio.DatasetReader | WarpedVRT
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """How every raster of a corpus is read (see :meth:`RasterCorpus.from_paths`).
+
+    Attributes:
+        bands: Band selection (1-based indexes or descriptions), None for all bands.
+        nodata: Nodata override applied to every raster, None for each file's own.
+        crs: Target CRS (WKT) of the read grids, None for native grids.
+        gsd: Target ``(x, y)`` resolution in target-CRS units per pixel, or None.
+        resampling: ``rasterio.enums.Resampling`` name used when reprojecting.
+    """
+
+    bands: tuple[Band, ...] | None = None
+    nodata: float | None = None
+    crs: str | None = None
+    gsd: tuple[float, float] | None = None
+    resampling: str = "bilinear"
+
+    @property
+    def warp(self) -> bool:
+        """Whether rasters are read through a WarpedVRT."""
+        return self.crs is not None or self.gsd is not None
+
+
+def _find_rasters(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Absolute paths of a folder's GeoTIFFs (recursive, sorted), a glob's matches, or a list of paths."""
+    if isinstance(sources, str | os.PathLike):
+        text = str(sources)
+        if Path(text).is_dir():
+            paths = [
+                p for p in Path(text).rglob("*") if p.suffix.lower() in (".tif", ".tiff") and p.is_file()
+            ]
+        elif any(ch in text for ch in "*?["):
+            paths = [Path(p) for p in glob.glob(text, recursive=True)]
+        else:
+            paths = [Path(text)] if Path(text).is_file() else []
+        paths = sorted(os.path.abspath(p) for p in paths)
+    else:
+        paths = [os.path.abspath(p) for p in sources]
+    if not paths:
+        raise FileNotFoundError(
+            f"no rasters found in {sources!r} (a folder is searched recursively for *.tif / *.tiff)"
+        )
+    return paths
+
+
+def _describe_bands(descriptions: Sequence[str | None]) -> str:
+    return ", ".join(f"{i} {d!r}" if d else str(i) for i, d in enumerate(descriptions, 1))
+
+
+def _band_indexes(src: rasterio.DatasetReader, path: str, bands: Sequence[Band] | None) -> list[int]:
+    """1-based indexes of ``bands`` (indexes or case-insensitive descriptions) in ``src``."""
+    if bands is None:
+        return list(range(1, src.count + 1))
+    names = {d.lower(): i for i, d in enumerate(src.descriptions, 1) if d}
+    indexes = []
+    for band in bands:
+        index = names.get(band.lower()) if isinstance(band, str) else int(band)
+        if index is None or not 1 <= index <= src.count:
+            raise RasterFileError(
+                f"{path}: has no band {band!r}; its bands are: {_describe_bands(src.descriptions)}"
+            )
+        indexes.append(index)
+    return indexes
+
+
+def _undeclared_fill(data: np.ndarray) -> float | None:
+    """The likely fill value of ``data [C, h, w]`` read from a raster that declares no nodata, or None.
+
+    Fill collars (rotated scenes, partial tiles) touch the raster's edges: a value equal in every band
+    on at least a quarter of the border pixels, that is 0 or an integer dtype's extreme, is reported.
+    """
+    ring = np.concatenate([data[:, 0], data[:, -1], data[:, 1:-1, 0], data[:, 1:-1, -1]], axis=1)
+    same = (ring == ring[:1]).all(axis=0)
+    values, counts = np.unique(ring[0][same], return_counts=True)
+    if not values.size or counts.max() < ring.shape[1] / 4:
+        return None
+    value = values[counts.argmax()].item()
+    extremes = {0}
+    if np.issubdtype(data.dtype, np.integer):
+        extremes |= {np.iinfo(data.dtype).min, np.iinfo(data.dtype).max}
+    return value if value in extremes else None
+
+
+def _sample_pixels(
+    src: rasterio.DatasetReader,
+    bands: list[int],
+    nodata: float | None,
+    n_samples: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, float | None]:
+    """Valid pixels of a decimated read, and the undeclared fill value.
+
+    Returns:
+        Up to ``n_samples`` valid pixels ``float64 [C, n]`` of a read at most ``_DECIMATED_SIDE`` pixels on
+        the long side (from overviews where present), and the likely fill value (:func:`_undeclared_fill`)
+        when the file declares neither nodata nor a mask, else None.
+    """
+    scale = max(1.0, max(src.height, src.width) / _DECIMATED_SIDE)
+    shape = max(1, math.ceil(src.height / scale)), max(1, math.ceil(src.width / scale))
+    data = src.read(bands, out_shape=(len(bands), *shape))
+    valid = _valid_mask(src, data, bands, out_shape=shape, nodata=nodata)
+    unmasked = all(MaskFlags.all_valid in src.mask_flag_enums[b - 1] for b in bands)
+    fill = _undeclared_fill(data) if nodata is None and src.nodata is None and unmasked else None
+    pixels = data[:, valid].astype(np.float64)
+    if pixels.shape[1] > n_samples:
+        pixels = pixels[:, rng.choice(pixels.shape[1], n_samples, replace=False)]
+    return pixels, fill
+
+
+def _warped_grid(src: rasterio.DatasetReader, settings: ReadSettings) -> dict[str, Any]:
+    """Target ``crs``, ``transform``, ``width`` and ``height`` (pixels) of ``src`` read with ``settings``."""
+    crs = src.crs if settings.crs is None else CRS.from_wkt(settings.crs)
+    transform, width, height = calculate_default_transform(
+        src.crs, crs, src.width, src.height, *src.bounds, resolution=settings.gsd
+    )
+    return {"crs": crs, "transform": transform, "width": width, "height": height}
+
+
+def _open_vrt(src: rasterio.DatasetReader, grid: dict[str, Any], settings: ReadSettings) -> WarpedVRT:
+    """A WarpedVRT of ``src`` on ``grid``.
+
+    Pixels outside the source get the nodata value; with none known, the VRT keeps the source's alpha
+    band or gets one added after the source bands.
+    """
+    marker = src.nodata if settings.nodata is None else settings.nodata
+    has_alpha = any(MaskFlags.alpha in flags for flags in src.mask_flag_enums)
+    masking = {"nodata": marker, "src_nodata": marker} if marker is not None else {"add_alpha": not has_alpha}
+    return WarpedVRT(src, **grid, resampling=Resampling[settings.resampling], **masking)
+
+
+def _alpha_band(handle: Handle, count: int) -> int | None:
+    """The alpha band a :func:`_open_vrt` added after the ``count`` source bands, or None.
+
+    Read explicitly: GDAL reports the alpha as the bands' mask only for sources of 1-3 bands
+    (rasterio issue #1454).
+    """
+    return handle.count if handle.count > count else None
+
+
+def _read_valid_map(
+    handle: Handle, bands: list[int], nodata: float | None, max_side: int, alpha: int | None
+) -> ValidMap:
+    valid_map = read_valid_map(handle, bands, nodata=nodata, max_side=max_side)
+    if alpha is None:
+        return valid_map
+    inside = handle.read(alpha, out_shape=valid_map.valid.shape) > 0
+    return ValidMap(valid_map.valid & inside, valid_map.height, valid_map.width)
+
+
+def _footprints(crs: CRS, transform: Affine, windows: np.ndarray, points: int) -> np.ndarray:
+    """Footprint polygons in EPSG:4326 of pixel ``windows`` (``[n, 4]``: col_off, row_off, width, height).
+
+    Each edge is densified to ``points`` points before reprojection, so curved edges stay accurate.
+    """
+    t = np.arange(points) / points
+    c0, r0, w, h = (col[:, None] for col in np.asarray(windows, dtype=np.float64).T)
+    zero = 0 * t
+    cols = np.concatenate([c0 + t * w, c0 + w + zero, c0 + w - t * w, c0 + zero], axis=1)
+    rows = np.concatenate([r0 + zero, r0 + t * h, r0 + h + zero, r0 + h - t * h], axis=1)
+    x, y = transform @ (cols, rows)
+    lon, lat = transform_coords(crs, "EPSG:4326", np.ravel(x), np.ravel(y))
+    return shapely.polygons(np.stack([lon, lat], axis=-1).reshape(*cols.shape, 2))
+
+
+def _index_raster(
+    path: str, settings: ReadSettings, valid_map_side: int, n_samples: int, rng: np.random.Generator
+) -> tuple[dict[str, Any], ValidMap, np.ndarray, float | None]:
+    """Index row, valid map, scaling sample ``[C, n]`` and undeclared fill value of one raster."""
+    with _open(Path(path)) as src:
+        if src.crs is None:
+            raise RasterFileError(
+                f"{path} has no CRS; assign one with `rio edit-info --crs EPSG:xxxx {path}`"
+            )
+        indexes, nodata = _band_indexes(src, path, settings.bands), settings.nodata
+        try:
+            sample, fill = _sample_pixels(src, indexes, nodata, n_samples, rng)
+            vrt = _open_vrt(src, _warped_grid(src, settings), settings) if settings.warp else None
+            with nullcontext(src) if vrt is None else vrt as handle:
+                alpha = _alpha_band(handle, src.count)
+                valid_map = _read_valid_map(handle, indexes, nodata, valid_map_side, alpha)
+                grid_crs, transform, height, width = handle.crs, handle.transform, handle.height, handle.width
+                gsd_x, gsd_y = handle.res
+            if not valid_map.valid.any() and not _has_valid_pixel(src, indexes, nodata):
+                raise RasterFileError(f"{path}: all pixels are nodata / masked; nothing to read")
+        except RasterioError as e:
+            raise RasterFileError(f"{path}: cannot read raster (corrupt or truncated?): {e}") from e
+        row = {
+            "raster": path,
+            "crs": grid_crs.to_wkt(),
+            "epsg": grid_crs.to_epsg(),
+            "gsd_x": gsd_x,
+            "gsd_y": gsd_y,
+            "height": height,
+            "width": width,
+            "count": src.count,
+            "bands": indexes,
+            "dtype": str(np.result_type(*[src.dtypes[b - 1] for b in indexes])),
+            "nodata": src.nodata if nodata is None else nodata,
+            "band_descriptions": [d or "" for d in src.descriptions],
+            "transform": list(transform)[:6],
+            "valid_fraction": valid_map.valid_fraction,
+            "valid_pixels": round(valid_map.valid_pixels),
+            "geometry": _footprints(
+                grid_crs, transform, np.array([[0, 0, width, height]]), _RASTER_EDGE_POINTS
+            )[0],
+        }
+    return row, valid_map, sample, fill
+
+
+def _warn_files(message: str, items: list[tuple[str, str]]) -> None:
+    warnings.warn(message + "".join(f"\n  {path}: {why}" for path, why in items), UserWarning, stacklevel=3)
+
+
+class RasterCorpus:
+    """Index of a set of rasters, with valid maps and per-band scaling; see the module docstring.
+
+    Build with :meth:`from_paths` (or :meth:`from_torchgeo`), persist with :meth:`save` / :meth:`load`.
+    Chips from :meth:`read` come out in each raster's own dtype (the index's ``dtype`` column: the common
+    type of its selected bands), so a corpus may mix dtypes; :meth:`scale` (and :class:`CorpusDataset`)
+    turn them into ``float32``.
+
+    Attributes:
+        index: ``GeoDataFrame``, one row per raster: ``raster`` (absolute path), ``geometry`` (footprint
+            in EPSG:4326), ``crs`` (WKT of the read grid), ``epsg`` (nullable), ``gsd_x`` / ``gsd_y`` (CRS
+            units per pixel), ``height`` / ``width`` (read grid, pixels), ``count`` (bands in the file),
+            ``bands`` (selected 1-based indexes), ``dtype``, ``nodata`` (declared or the override; NaN if
+            none), ``band_descriptions``, ``transform`` (read grid, 6 affine coefficients),
+            ``valid_fraction``, ``valid_pixels``.
+        valid_maps: One coarse :class:`ValidMap` per raster, on its read grid.
+        settings: How the rasters are read.
+        percentiles: ``(low, high)`` percentiles of the scaling, or None (no scaling).
+        scaling: ``float64 [2, C]``: per-band values that :meth:`scale` maps to 0 and 1, or None.
+    """
+
+    #: Most dataset handles one process keeps open (the least recently used one is closed).
+    max_open = 64
+
+    def __init__(
+        self,
+        index: gpd.GeoDataFrame,
+        valid_maps: list[ValidMap],
+        settings: ReadSettings,
+        *,
+        percentiles: tuple[float, float] | None = None,
+        scaling: np.ndarray | None = None,
+    ) -> None:
+        self.index = index
+        self.valid_maps = valid_maps
+        self.settings = settings
+        self.percentiles = percentiles
+        self.scaling = scaling
+        self._handles: OrderedDict[int, tuple[rasterio.DatasetReader, Handle]] = OrderedDict()
+        self._pid: int | None = None
+
+    # ------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_paths(
+        cls,
+        sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        bands: Sequence[Band] | None = None,
+        nodata: float | None = None,
+        crs: str | CRS | None = None,
+        gsd: float | tuple[float, float] | None = None,
+        resampling: str = "bilinear",
+        scaling: tuple[float, float] | None = (2.0, 98.0),
+        valid_map_side: int = 1024,
+        on_error: Literal["raise", "skip"] = "raise",
+        progress: bool = True,
+    ) -> RasterCorpus:
+        """Index rasters, opening each once.
+
+        Args:
+            sources: A folder (searched recursively for ``*.tif`` / ``*.tiff``, any case; sorted), a glob
+                pattern, or a list of paths.
+            bands: Bands to read, as 1-based indexes or band descriptions (case-insensitive); all bands by
+                default, in which case every raster must have the same number of bands.
+            nodata: Value marking invalid pixels in every raster, overriding the files' nodata and masks
+                (for files with an undeclared fill value).
+            crs: Target CRS (anything ``CRS.from_user_input`` takes) to read every raster in, through a
+                WarpedVRT; native CRS by default.
+            gsd: Target resolution in target-CRS units per pixel (one value or ``(x, y)``); with ``crs``
+                None, the rasters are resampled in their own CRS.
+            resampling: ``rasterio.enums.Resampling`` name used when reprojecting.
+            scaling: ``(low, high)`` percentiles of the valid pixels of each band, pooled over the corpus
+                (decimated reads), that :meth:`scale` maps to 0 and 1; None for no scaling.
+            valid_map_side: Longest side of the coarse valid maps, cells.
+            on_error: "raise" on the first bad raster, or "skip" bad rasters with one warning listing them.
+            progress: Show a progress bar.
+
+        Raises:
+            FileNotFoundError: Nothing found in ``sources`` (or a listed file is missing, with "raise").
+            RasterFileError: A raster is unreadable (corrupt, truncated), has no CRS, has no valid pixel,
+                lacks a selected band or has a different number of bands than the others; with "skip",
+                when no raster is left. Messages name the file.
+        """
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if resampling not in Resampling.__members__:
+            raise ValueError(f"unknown resampling {resampling!r}; one of {sorted(Resampling.__members__)}")
+        bands = [bands] if isinstance(bands, int | str) else bands
+        gsd = (gsd, gsd) if isinstance(gsd, int | float) else gsd
+        settings = ReadSettings(
+            bands=None if bands is None else tuple(bands),
+            nodata=nodata,
+            crs=None if crs is None else CRS.from_user_input(crs).to_wkt(),
+            gsd=None if gsd is None else (float(gsd[0]), float(gsd[1])),
+            resampling=resampling,
+        )
+        paths = _find_rasters(sources)
+        rng = np.random.default_rng(0)  # which pixels the scaling sample keeps; fixed for reproducibility
+        n_samples = max(1024, _SCALING_SAMPLES // len(paths))
+        rows, valid_maps, samples, fills, skipped = [], [], [], [], []
+        for path in tqdm(paths, desc="indexing rasters", unit="raster", disable=not progress):
+            try:
+                row, valid_map, sample, fill = _index_raster(path, settings, valid_map_side, n_samples, rng)
+                if rows and bands is None and row["count"] != rows[0]["count"]:
+                    raise RasterFileError(
+                        f"{path}: has {row['count']} bands but {rows[0]['raster']} has {rows[0]['count']}; "
+                        "select common bands with bands=[...] (1-based indexes or descriptions). "
+                        f"Its bands are: {_describe_bands(row['band_descriptions'])}"
+                    )
+            except (RasterFileError, FileNotFoundError) as e:
+                if on_error == "raise":
+                    raise
+                skipped.append((path, str(e)))
+                continue
+            rows.append(row)
+            valid_maps.append(valid_map)
+            samples.append(sample)
+            if fill is not None:
+                fills.append((path, fill))
+        if skipped:
+            _warn_files(f"skipped {len(skipped)} unreadable raster(s):", skipped)
+        if not rows:
+            raise RasterFileError(f"no readable raster in {sources!r}: all {len(paths)} were skipped")
+        if fills:
+            _warn_files(
+                f"{len(fills)} raster(s) declare no nodata but have a border of one value, probably an "
+                f"undeclared fill value that now counts as valid data; pass nodata={fills[0][1]} (the value "
+                "below) to RasterCorpus.from_paths to mask it:",
+                [(path, f"border value {value}") for path, value in fills],
+            )
+        index = gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326")
+        index["epsg"] = pd.array(index["epsg"], dtype="Int64")
+        index["nodata"] = index["nodata"].astype(np.float64)
+        levels = None if scaling is None else np.percentile(np.concatenate(samples, axis=1), scaling, axis=1)
+        percentiles = None if scaling is None else (float(scaling[0]), float(scaling[1]))
+        return cls(index, valid_maps, settings, percentiles=percentiles, scaling=levels)
+
+    @classmethod
+    def from_torchgeo(cls, dataset: Any, **kwargs: Any) -> RasterCorpus:
+        """Index the files of a torchgeo ``RasterDataset`` (its ``index['filepath']``).
+
+        The dataset's band selection (``band_indexes``) is used unless ``bands`` is given. Rasters are read
+        on their native grids; pass ``crs=dataset.crs, gsd=dataset.res`` to read on torchgeo's grid.
+
+        Args:
+            dataset: A torchgeo (>= 0.7) ``RasterDataset`` with one file per scene (all bands in it).
+            **kwargs: Keyword arguments of :meth:`from_paths`.
+        """
+        if getattr(dataset, "separate_files", False):
+            raise ValueError(
+                f"{type(dataset).__name__} stores one band per file (separate_files); a RasterCorpus needs "
+                "all bands of a scene in one file (stack them, e.g. with gdalbuildvrt -separate)"
+            )
+        kwargs.setdefault("bands", getattr(dataset, "band_indexes", None))
+        return cls.from_paths([str(p) for p in dataset.index["filepath"]], **kwargs)
+
+    # ---------------------------------------------------------------------------------- persistence
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the corpus (index, valid maps, settings) as GeoParquet, atomically.
+
+        Valid maps are columns (``valid_map``: ``np.packbits`` bytes, ``valid_map_rows`` / ``_cols``: the
+        coarse shape); the settings are JSON in the file's pandas metadata (``DataFrame.attrs``).
+        """
+        path = Path(path)
+        table = self.index.copy()
+        table["valid_map"] = [np.packbits(vm.valid).tobytes() for vm in self.valid_maps]
+        table["valid_map_rows"] = [vm.valid.shape[0] for vm in self.valid_maps]
+        table["valid_map_cols"] = [vm.valid.shape[1] for vm in self.valid_maps]
+        scaling = None if self.scaling is None else self.scaling.tolist()
+        settings = {"read": asdict(self.settings), "percentiles": self.percentiles, "scaling": scaling}
+        table.attrs = {_SETTINGS_KEY: json.dumps(settings)}  # pyarrow writes attrs into the file metadata
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            table.to_parquet(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RasterCorpus:
+        """Read a corpus written by :meth:`save`, without opening the rasters.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: ``path`` is not a saved corpus.
+        """
+        table = gpd.read_parquet(path)
+        if _SETTINGS_KEY not in table.attrs:
+            raise ValueError(f"{path}: not a RasterCorpus file (no {_SETTINGS_KEY!r} metadata)")
+        saved = json.loads(table.attrs[_SETTINGS_KEY])
+        shapes = zip(*(table[k] for k in (*_VALID_MAP_COLUMNS, "height", "width")), strict=True)
+        valid_maps = [
+            ValidMap(
+                np.unpackbits(np.frombuffer(bits, np.uint8), count=r * c).astype(bool).reshape(r, c), h, w
+            )
+            for bits, r, c, h, w in shapes
+        ]
+        index = table.drop(columns=list(_VALID_MAP_COLUMNS))
+        index.attrs = {}
+        # Parquet lists come back as numpy arrays: restore the Python lists from_paths builds.
+        for column, kind in (("bands", int), ("band_descriptions", str), ("transform", float)):
+            index[column] = [[kind(v) for v in values] for values in index[column]]
+        settings = ReadSettings(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["read"].items()}
+        )
+        percentiles, scaling = saved["percentiles"], saved["scaling"]
+        return cls(
+            index,
+            valid_maps,
+            settings,
+            percentiles=None if percentiles is None else tuple(percentiles),
+            scaling=None if scaling is None else np.asarray(scaling, dtype=np.float64),
+        )
+
+    # -------------------------------------------------------------------------------------- reading
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def open(self, i: int) -> Handle:
+        """Dataset handle of raster ``i`` on its read grid (a ``WarpedVRT`` when reprojecting).
+
+        Opened on first use in the current process and kept open (at most :attr:`max_open`), so a corpus
+        can be handed to ``DataLoader`` workers (forked or spawned): a handle inherited through ``fork`` is
+        never reused.
+
+        Raises:
+            FileNotFoundError: The raster was moved or deleted since it was indexed.
+            RasterFileError: It cannot be opened any more.
+        """
+        if self._pid != os.getpid():
+            # After fork the parent's handles (and GDAL file offsets) must not be shared: open our own.
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        if i in self._handles:
+            self._handles.move_to_end(i)
+            return self._handles[i][1]
+        row = self.index.iloc[i]
+        path = Path(row["raster"])
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: raster {i} of the corpus no longer exists (moved or deleted?)")
+        src = _open(path)
+        handle: Handle = src
+        if self.settings.warp:
+            grid = {"crs": CRS.from_wkt(row["crs"]), "transform": Affine(*row["transform"])}
+            grid |= {"width": int(row["width"]), "height": int(row["height"])}
+            handle = _open_vrt(src, grid, self.settings)
+        self._handles[i] = (src, handle)
+        if len(self._handles) > self.max_open:
+            _close(*self._handles.popitem(last=False)[1])
+        return handle
+
+    def close(self) -> None:
+        """Close this process's dataset handles (they are reopened on next use)."""
+        if self._pid == os.getpid():
+            for src, handle in self._handles.values():
+                _close(src, handle)
+        self._handles, self._pid = OrderedDict(), None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = OrderedDict(), None  # dataset handles do not pickle
+        return state
+
+    def read(self, ref: ChipRef) -> Chip:
+        """Read a chip: a window (read-grid pixels, may extend past the raster) of one raster.
+
+        Returns:
+            The :class:`Chip`: ``image [C, h, w]`` of the selected bands in the raster's dtype, ``path``
+            the raster file.
+
+        Raises:
+            RasterFileError: The read failed (the message names the file and window).
+        """
+        i, window = ref
+        row = self.index.iloc[i]
+        try:
+            handle = self.open(i)
+            chip = read_chip(handle, window, bands=row["bands"], nodata=self.settings.nodata)
+            alpha = _alpha_band(handle, int(row["count"]))
+            if alpha is not None:
+                chip.valid &= read_chip(handle, window, bands=[alpha], fill=0).image[0] > 0
+        except RasterioError as e:
+            raise RasterFileError(f"{row['raster']}: cannot read chip {window}: {e}") from e
+        chip.path = Path(row["raster"])
+        return chip
+
+    def scale(self, image: np.ndarray) -> np.ndarray:
+        """Map ``image [..., C, h, w]`` to ``float32`` in [0, 1] per band with the corpus percentiles.
+
+        Values are clipped; NaN becomes 0 (the chip's ``valid`` mask marks it). Without scaling the image
+        is only converted to ``float32``.
+        """
+        out = np.asarray(image, dtype=np.float32)
+        if self.scaling is None:
+            return out
+        if out.ndim < 3 or out.shape[-3] != self.scaling.shape[1]:
+            raise ValueError(f"expected [..., {self.scaling.shape[1]}, h, w] pixels, got shape {out.shape}")
+        low, high = (v.astype(np.float32)[:, None, None] for v in self.scaling)
+        out = (out - low) / np.where(high > low, high - low, 1)  # a constant band maps to 0
+        return np.nan_to_num(np.clip(out, 0, 1, out=out), nan=0.0)
+
+    # ---------------------------------------------------------------------------------- chip tables
+
+    def chip_table(self, refs: Sequence[ChipRef]) -> gpd.GeoDataFrame:
+        """Chip table of ``refs``, one row per ref in order (see the shared data contract).
+
+        Columns: ``raster``, ``col_off``, ``row_off``, ``width``, ``height`` (int64, read-grid pixels),
+        ``crs`` (WKT), ``valid_fraction`` (estimated from the valid map) and ``geometry`` (footprint in
+        EPSG:4326).
+        """
+        raster = np.array([r.raster for r in refs], dtype=np.int64)
+        win = np.array([[w.col_off, w.row_off, w.width, w.height] for _, w in refs], dtype=np.int64)
+        win = win.reshape(-1, 4)
+        geometry = np.empty(len(refs), dtype=object)
+        for i in np.unique(raster):
+            row, at = self.index.iloc[i], raster == i
+            crs, transform = CRS.from_wkt(row["crs"]), Affine(*row["transform"])
+            geometry[at] = _footprints(crs, transform, win[at], _CHIP_EDGE_POINTS)
+        columns = {"raster": self.index["raster"].to_numpy()[raster]}
+        columns |= {k: win[:, j] for j, k in enumerate(("col_off", "row_off", "width", "height"))}
+        columns["crs"] = self.index["crs"].to_numpy()[raster]
+        columns["valid_fraction"] = [self.valid_maps[i].window_fraction(w) for i, w in refs]
+        return gpd.GeoDataFrame(columns, geometry=gpd.GeoSeries(geometry, crs="EPSG:4326"))
+
+    def refs(self, table: pd.DataFrame) -> list[ChipRef]:
+        """The :class:`ChipRef` s of a chip table's rows, matching rasters by path.
+
+        Raises:
+            ValueError: A row names a raster that is not in the corpus.
+        """
+        lookup = {path: i for i, path in enumerate(self.index["raster"])}
+        missing = sorted(set(table["raster"]) - lookup.keys())
+        if missing:
+            raise ValueError(f"chip table names {len(missing)} raster(s) not in the corpus: {missing}")
+        columns = (table[k].to_numpy() for k in ("raster", "col_off", "row_off", "width", "height"))
+        return [
+            ChipRef(lookup[p], Window(int(c), int(r), int(w), int(h)))
+            for p, c, r, w, h in zip(*columns, strict=True)
+        ]
+
+    def __repr__(self) -> str:
+        return f"RasterCorpus({len(self)} rasters, {self.settings}, percentiles={self.percentiles})"
+
+
+def _close(src: rasterio.DatasetReader, handle: Handle) -> None:
+    if handle is not src:
+        handle.close()
+    src.close()
+
+
+class CorpusDataset(torch.utils.data.Dataset):
+    """Map-style dataset of chips of a :class:`RasterCorpus`, scaled for a model.
+
+    Indexed by a :class:`ChipRef` (so a sampler yielding refs drives it), or by position in ``refs``.
+    Returns the :class:`Chip` with ``image`` ``float32 [C, h, w]`` scaled to [0, 1] by
+    :meth:`RasterCorpus.scale` (unscaled ``float32`` if the corpus has no scaling). Picklable for
+    ``DataLoader`` workers: the corpus opens its files lazily in each process.
+
+    Args:
+        corpus: The corpus.
+        refs: Chips for integer indexing: a list of :class:`ChipRef` or a chip table.
+    """
+
+    def __init__(self, corpus: RasterCorpus, refs: Sequence[ChipRef] | pd.DataFrame | None = None) -> None:
+        self.corpus = corpus
+        if isinstance(refs, pd.DataFrame):
+            refs = corpus.refs(refs)
+        self.refs = None if refs is None else list(refs)
+
+    def __len__(self) -> int:
+        if self.refs is None:
+            raise TypeError("a CorpusDataset without refs is indexed by ChipRef and has no length")
+        return len(self.refs)
+
+    def __getitem__(self, key: ChipRef | int) -> Chip:
+        if not isinstance(key, ChipRef):
+            if self.refs is None:
+                raise TypeError(f"index a CorpusDataset without refs by ChipRef, got {type(key).__name__}")
+            key = self.refs[operator.index(key)]
+        chip = self.corpus.read(key)
+        chip.image = self.corpus.scale(chip.image)
+        return chip
