@@ -1,4 +1,11 @@
-"""Command line: ``geodino demo`` runs the whole pipeline on a synthetic scene, offline, in seconds."""
+"""Command line.
+
+``geodino demo`` runs the whole pipeline on a synthetic scene, offline, in seconds. The data commands
+build a training set from a raster corpus, each step writing one file the next step reads::
+
+    geodino index rasters/ --out corpus.parquet          # GeoParquet index: footprints, CRS, GSD, bands
+    geodino sample corpus.parquet --n 10000 --out chips.parquet   # random 512 px chips, nodata rejected
+"""
 
 from __future__ import annotations
 
@@ -38,6 +45,43 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--weights", type=Path, help="local checkpoint of the backbone (.pth or .safetensors)")
     demo.add_argument("--size", type=int, default=512, help="scene side, pixels (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="scene seed (default: %(default)s)")
+
+    index = commands.add_parser(
+        "index",
+        help="index rasters (folder, glob or files) into a GeoParquet corpus",
+        description=(
+            "Open every raster once and write a GeoParquet corpus: footprint (EPSG:4326), CRS, GSD, "
+            "bands, dtype, nodata, a coarse valid-pixel map and per-band percentile scaling."
+        ),
+    )
+    index.add_argument("sources", nargs="+", help="a folder (searched recursively), a glob, or files")
+    index.add_argument("--out", type=Path, required=True, help="corpus file to write (.parquet)")
+    index.add_argument(
+        "--bands", nargs="+", help="bands to read: 1-based indexes or band descriptions (default: all)"
+    )
+    index.add_argument("--nodata", type=float, help="nodata value overriding the files' (undeclared fills)")
+    index.add_argument("--crs", help="read every raster in this CRS (WarpedVRT), e.g. EPSG:32633")
+    index.add_argument("--gsd", type=float, help="read at this resolution, CRS units per pixel")
+    index.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable rasters with a warning instead of stopping"
+    )
+
+    sample = commands.add_parser(
+        "sample",
+        help="draw random chips uniformly over the valid area of a corpus into a chip table",
+        description="Draw distinct random chips (SAT-493M style crops) into a GeoParquet chip table.",
+    )
+    sample.add_argument("corpus", type=Path, help="corpus file written by `geodino index`")
+    sample.add_argument("--out", type=Path, required=True, help="chip table to write (.parquet)")
+    sample.add_argument("--n", type=int, required=True, help="number of chips")
+    sample.add_argument("--size", type=int, default=512, help="chip side, pixels (default: %(default)s)")
+    sample.add_argument(
+        "--max-nodata",
+        type=float,
+        default=0.5,
+        help="largest nodata fraction of a chip (default: %(default)s)",
+    )
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     return parser
 
 
@@ -146,7 +190,77 @@ def run_demo(out: Path, backbone: str, weights: Path | None, size: int, seed: in
     return 0
 
 
+def _check_output_file(path: Path, suffix: str) -> str | None:
+    """The reason ``path`` cannot be written as an output file, or None."""
+    if path.suffix.lower() != suffix:
+        return f"--out {path}: expected a {suffix} file name"
+    if path.is_dir():
+        return f"--out {path} is a directory; give a file name ending in {suffix}"
+    if not path.parent.is_dir():
+        return f"--out {path}: the folder {path.parent} does not exist; create it first"
+    return None
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """The ``index`` subcommand."""
+    from geodino.data import RasterCorpus, RasterFileError
+
+    problem = _check_output_file(args.out, ".parquet")
+    if problem:
+        return _error(problem)
+    bands = None if args.bands is None else [int(b) if b.isdigit() else b for b in args.bands]
+    sources = args.sources[0] if len(args.sources) == 1 else args.sources
+    try:
+        corpus = RasterCorpus.from_paths(
+            sources,
+            bands=bands,
+            nodata=args.nodata,
+            crs=args.crs,
+            gsd=args.gsd,
+            on_error="skip" if args.skip_bad else "raise",
+        )
+    except (RasterFileError, FileNotFoundError, ValueError) as err:
+        return _error(str(err))
+    corpus.save(args.out)
+    index = corpus.index
+    crs_count, valid = index["crs"].nunique(), int(index["valid_pixels"].sum())
+    print(
+        f"indexed {len(corpus)} raster(s), {crs_count} CRS, {valid:,} valid pixels "
+        f"({index['valid_fraction'].mean():.1%} valid on average) -> {args.out}"
+    )
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """The ``sample`` subcommand."""
+    from geodino.data import RandomChipSampler, RasterCorpus
+    from geodino.io import write_geoparquet
+
+    problem = _check_output_file(args.out, ".parquet")
+    if problem:
+        return _error(problem)
+    if not args.corpus.is_file():
+        return _error(f"{args.corpus}: no such corpus file; write one with `geodino index`")
+    corpus = RasterCorpus.load(args.corpus)
+    try:
+        sampler = RandomChipSampler(
+            corpus.valid_maps, size=args.size, num_samples=args.n, max_nodata=args.max_nodata, seed=args.seed
+        )
+        refs = sampler.epoch_refs(0)
+    except ValueError as err:
+        return _error(str(err))
+    table = corpus.chip_table(refs)
+    write_geoparquet(table, args.out)
+    per_raster = table["raster"].value_counts()
+    print(f"{len(table)} chips of {args.size} px from {len(per_raster)} raster(s) -> {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``geodino`` console script and ``python -m geodino``; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "index":
+        return run_index(args)
+    if args.command == "sample":
+        return run_sample(args)
     return run_demo(args.out, args.backbone, args.weights, args.size, args.seed)

@@ -1,5 +1,7 @@
-"""Data sources: synthetic scenes with ground truth (more readers and datasets to come)."""
+"""Data layer: index, tile, sample, curate and store raster chips; synthetic scenes with ground truth."""
 
+from geodino.data.corpus import CorpusDataset, RasterCorpus, ReadSettings
+from geodino.data.sampler import RandomChipSampler
 from geodino.data.synthetic import (
     BAND_NAMES,
     CANOPY_NODATA,
@@ -16,6 +18,7 @@ from geodino.data.synthetic import (
 )
 from geodino.data.tiling import (
     Chip,
+    ChipRef,
     RasterFileError,
     RasterTiler,
     coverage_count,
@@ -24,6 +27,7 @@ from geodino.data.tiling import (
     owned_windows,
     read_chip,
 )
+from geodino.data.validity import ValidMap, read_valid_map
 
 __all__ = [
     "BAND_NAMES",
@@ -32,11 +36,17 @@ __all__ = [
     "CLASS_COLORS",
     "ChangePair",
     "Chip",
+    "ChipRef",
+    "CorpusDataset",
     "LandCover",
     "Landscape",
+    "RandomChipSampler",
+    "RasterCorpus",
     "RasterFileError",
     "RasterTiler",
+    "ReadSettings",
     "SceneInfo",
+    "ValidMap",
     "coverage_count",
     "grid_windows",
     "make_change_pair",
@@ -45,5 +55,6 @@ __all__ = [
     "mosaic_owned",
     "owned_windows",
     "read_chip",
+    "read_valid_map",
     "render_reflectance",
 ]

@@ -60,6 +60,7 @@ from geodino.data.tiling import (
     read_chip,
 )
 from geodino.data.validity import ValidMap, read_valid_map
+from geodino.io import write_geoparquet
 
 __all__ = ["CorpusDataset", "RasterCorpus", "ReadSettings"]
 
@@ -466,12 +467,7 @@ class RasterCorpus:
         scaling = None if self.scaling is None else self.scaling.tolist()
         settings = {"read": asdict(self.settings), "percentiles": self.percentiles, "scaling": scaling}
         table.attrs = {_SETTINGS_KEY: json.dumps(settings)}  # pyarrow writes attrs into the file metadata
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            table.to_parquet(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_geoparquet(table, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RasterCorpus:

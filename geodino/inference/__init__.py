@@ -3,7 +3,6 @@
 from geodino.inference.features import (
     FeatureMap,
     Stretch,
-    atomic_output,
     check_georeferenced,
     compute_stretch,
     embed_raster,
@@ -19,7 +18,6 @@ from geodino.inference.features import (
 __all__ = [
     "FeatureMap",
     "Stretch",
-    "atomic_output",
     "check_georeferenced",
     "compute_stretch",
     "embed_raster",

@@ -21,9 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from rasterio.windows import Window
 from torch import nn
 from tqdm.auto import tqdm
 
+from geodino.io import atomic_output
 from geodino.models import BackbonePreset, get_preset
 
 #: Percentiles of the per-band linear stretch of non-uint8 rasters.
@@ -421,22 +420,6 @@ def pca_rgb(
     out = np.zeros((n_components, valid.size), dtype=np.uint8)
     out[:, valid.ravel()] = np.rint(1 + 254 * scaled).T.astype(np.uint8)
     return out.reshape(n_components, *valid.shape)
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Give a temporary path beside ``path``, moved over ``path`` (``os.replace``) when the block succeeds.
-
-    Readers never see a half-written file; on error the temporary file is removed and ``path`` is left
-    as it was.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_rgb_geotiff(
