@@ -1,6 +1,13 @@
 """Data layer: index, tile, sample, curate and store raster chips; synthetic scenes with ground truth."""
 
 from geodino.data.corpus import CorpusDataset, RasterCorpus, ReadSettings
+from geodino.data.curation import (
+    HierarchicalClusters,
+    balanced_sample,
+    curate,
+    embed_chips,
+    hierarchical_kmeans,
+)
 from geodino.data.sampler import RandomChipSampler
 from geodino.data.synthetic import (
     BAND_NAMES,
@@ -38,6 +45,7 @@ __all__ = [
     "Chip",
     "ChipRef",
     "CorpusDataset",
+    "HierarchicalClusters",
     "LandCover",
     "Landscape",
     "RandomChipSampler",
@@ -47,8 +55,12 @@ __all__ = [
     "ReadSettings",
     "SceneInfo",
     "ValidMap",
+    "balanced_sample",
     "coverage_count",
+    "curate",
+    "embed_chips",
     "grid_windows",
+    "hierarchical_kmeans",
     "make_change_pair",
     "make_landscape",
     "make_scene",
