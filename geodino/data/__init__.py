@@ -1,5 +1,6 @@
 """Data layer: index, tile, sample, curate and store raster chips; synthetic scenes with ground truth."""
 
+from geodino.data.chipstore import ChipStore, ChipStoreDataset, write_chip_store
 from geodino.data.corpus import CorpusDataset, RasterCorpus, ReadSettings
 from geodino.data.curation import (
     HierarchicalClusters,
@@ -44,6 +45,8 @@ __all__ = [
     "ChangePair",
     "Chip",
     "ChipRef",
+    "ChipStore",
+    "ChipStoreDataset",
     "CorpusDataset",
     "HierarchicalClusters",
     "LandCover",
@@ -69,4 +72,5 @@ __all__ = [
     "read_chip",
     "read_valid_map",
     "render_reflectance",
+    "write_chip_store",
 ]
