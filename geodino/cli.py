@@ -5,6 +5,10 @@ build a training set from a raster corpus, each step writing one file the next s
 
     geodino index rasters/ --out corpus.parquet          # GeoParquet index: footprints, CRS, GSD, bands
     geodino sample corpus.parquet --n 10000 --out chips.parquet   # random 512 px chips, nodata rejected
+
+``geodino fit --config recipes/<stage>.yaml`` pretrains through LightningCLI (every YAML key maps onto
+a constructor argument of :class:`~geodino.train.DINOv3Module`, :class:`~geodino.train.PretrainDataModule`
+or ``lightning.Trainer``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geodino", description="DINOv3 satellite foundation models: GeoTIFF to maps."
     )
+    parser.epilog = "geodino fit --config RECIPE.yaml: pretraining through LightningCLI (see recipes/)"
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -256,8 +261,32 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Subcommands handled by LightningCLI rather than argparse.
+LIGHTNING_COMMANDS = ("fit", "validate")
+
+
+def run_lightning(argv: Sequence[str]) -> int:
+    """``geodino fit|validate --config recipe.yaml ...`` through LightningCLI."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from geodino.train import DINOv3Module, PretrainDataModule
+
+    LightningCLI(
+        DINOv3Module,
+        PretrainDataModule,
+        args=list(argv),
+        # The chip sampler shards itself over ranks; Lightning's DistributedSampler would shard it again.
+        trainer_defaults={"use_distributed_sampler": False},
+        save_config_kwargs={"overwrite": True},
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``geodino`` console script and ``python -m geodino``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return run_lightning(argv)
     args = _parser().parse_args(argv)
     if args.command == "index":
         return run_index(args)

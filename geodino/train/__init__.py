@@ -1,5 +1,8 @@
-"""DINOv3 self-supervised pretraining: heads, losses, schedules and parameter groups."""
+"""DINOv3 self-supervised pretraining in Lightning: augmentation, heads, losses, the training module, data."""
 
+from geodino.train.augment import MultiCropAugmentation, collate_multicrop
+from geodino.train.callbacks import ExportTeacher
+from geodino.train.data import PretrainDataModule
 from geodino.train.heads import DINOHead
 from geodino.train.losses import (
     DINOLoss,
@@ -10,6 +13,8 @@ from geodino.train.losses import (
     resize_patch_features,
     sinkhorn_knopp,
 )
+from geodino.train.masking import MaskingGenerator
+from geodino.train.module import DINOv3Module
 from geodino.train.param_groups import layer_id, param_groups
 from geodino.train.schedules import Schedule
 
@@ -17,9 +22,15 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "DINOLossTerms",
+    "DINOv3Module",
+    "ExportTeacher",
     "GramLoss",
     "KoLeoLoss",
+    "MaskingGenerator",
+    "MultiCropAugmentation",
+    "PretrainDataModule",
     "Schedule",
+    "collate_multicrop",
     "iBOTPatchLoss",
     "layer_id",
     "param_groups",

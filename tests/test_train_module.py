@@ -1,0 +1,494 @@
+"""DINOv3Module: losses against a naive re-computation, Lightning fits (EMA, schedules, clipping, Gram
+refresh), teacher export / init, and exact resume. Batches are real: chips of
+``shared/data/rasters/cogeo.tif`` through ``MultiCropAugmentation`` and ``collate_multicrop``.
+
+Reference: ``shared/notes/dinov3-official.md`` §3.1 (meta-architecture), §3.5 (losses), §3.6 (schedules,
+param groups, clipping), §3.8 (Gram); official ``SSLMetaArch`` and ``train.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import rasterio
+import torch
+import torch.nn.functional as F
+from conftest import shared_path
+from lightning.pytorch.callbacks import ModelCheckpoint
+from rasterio.windows import Window
+from torch.utils.data import DataLoader
+
+from geodino.models import CheckpointError, load_backbone
+from geodino.models.presets import SAT_MEAN, SAT_STD
+from geodino.train.augment import MultiCropAugmentation, collate_multicrop
+from geodino.train.masking import MaskingGenerator
+from geodino.train.module import DINOv3Module
+
+PRESET = "dinov3_vits16.lvd1689m"
+#: Tiny ViT (patch 16, width 64, 2 blocks, 2 heads); LayerScale 0.1 so that CLS tokens depend on the image
+#: already at initialisation (with the official 1e-5 every crop's CLS is the same at step 0).
+TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2, "layerscale_init": 0.1}
+HEADS = {
+    f"{head}_head_{key}": value
+    for head in ("dino", "ibot")
+    for key, value in (("n_prototypes", 128), ("hidden_dim", 64), ("bottleneck_dim", 32))
+}
+GLOBAL, LOCAL, GRAM, N_LOCAL, BATCH = 32, 16, 64, 2, 4
+
+
+def tiny_module(**kwargs) -> DINOv3Module:
+    args = {
+        "backbone": PRESET,
+        "backbone_overrides": TINY,
+        "drop_path_rate": 0.0,
+        "lr": {"peak": 1e-3},
+        "momentum": {"peak": 0.9},
+        "teacher_temp": {"peak": 0.04},
+        "freeze_last_layer": 0,
+        "clip_grad": 3.0,
+        **HEADS,
+    }
+    return DINOv3Module(**{**args, **kwargs})
+
+
+def trainer(max_steps: int, **kwargs) -> L.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+    }
+    return L.Trainer(max_steps=max_steps, **{**defaults, **kwargs})
+
+
+def fit(module: DINOv3Module, batches: list[dict], max_steps: int, **kwargs) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|litlogger|in eval mode).*")
+        trainer(max_steps, **kwargs.pop("trainer_kwargs", {})).fit(
+            module, DataLoader(batches, batch_size=None), **kwargs
+        )
+
+
+class Recorder(L.Callback):
+    """Keeps a copy of something after every training step."""
+
+    def __init__(self, take) -> None:
+        self.take = take
+        self.values: list = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.values.append(self.take(module, outputs))
+
+
+def losses_of(module, outputs) -> dict[str, float]:
+    return {k: float(v.detach()) for k, v in outputs.items()}
+
+
+def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def chips() -> list[torch.Tensor]:
+    """Eight 64 x 64 RGB chips of a real aerial image, float in [0, 1]."""
+    with rasterio.open(shared_path("data", "rasters", "cogeo.tif")) as src:
+        windows = [Window(96 * i, 64 + 80 * i, 64, 64) for i in range(8)]
+        return [torch.from_numpy(src.read(window=w)).float() / 255 for w in windows]
+
+
+def make_batches(chips: list[torch.Tensor], n: int, *, gram: bool = False, seed: int = 0) -> list[dict]:
+    """``n`` multi-crop batches of ``BATCH`` chips (real augmentation and collate), reproducible."""
+    aug = MultiCropAugmentation(
+        SAT_MEAN,
+        SAT_STD,
+        global_crops_size=GLOBAL,
+        local_crops_size=LOCAL,
+        local_crops_number=N_LOCAL,
+        gram_crops_size=GRAM if gram else None,
+    )
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    masking = MaskingGenerator(GLOBAL // 16)
+    batches = []
+    for i in range(n):
+        samples = [aug(chips[(i * BATCH + j) % len(chips)]) for j in range(BATCH)]
+        batches.append(collate_multicrop(samples, masking, rng, mask_sample_probability=1.0))
+    return batches
+
+
+# ---------------------------------------------------------------- naive references (float64, loops)
+
+
+def naive_sinkhorn(logits: torch.Tensor, temp: float) -> torch.Tensor:
+    q = torch.exp(logits.double() / temp).T  # [K, N]
+    q = q / q.sum()
+    k, n = q.shape
+    for _ in range(3):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / n
+    return (q * n).T
+
+
+def naive_ce(student_logit: torch.Tensor, teacher_prob: torch.Tensor) -> float:
+    return -float((teacher_prob * torch.log_softmax(student_logit.double() / 0.1, dim=-1)).sum())
+
+
+def naive_koleo(x: torch.Tensor) -> float:
+    x = F.normalize(x.double(), dim=-1)
+    terms = []
+    for i in range(len(x)):
+        others = [j for j in range(len(x)) if j != i]
+        j = max(others, key=lambda j: float(x[i] @ x[j]))
+        terms.append(-math.log(float((x[i] - x[j] + 1e-8).norm()) + 1e-8))
+    return float(np.mean(terms))
+
+
+def naive_gram(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    total = 0.0
+    for s, t in zip(student.double(), teacher.double(), strict=True):
+        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+        total += float(((s @ s.T - t @ t.T) ** 2).sum())
+    return total / (student.shape[0] * student.shape[1] ** 2)
+
+
+# ---------------------------------------------------------------- one step
+
+
+def test_losses_match_naive_recomputation(chips) -> None:
+    """Every term and the weighted total against the official formulas evaluated crop by crop."""
+    # no drop-path / RoPE rescaling, so separate forward passes here equal the module's list forward
+    module = tiny_module(
+        backbone_overrides={**TINY, "pos_embed_rope_rescale_coords": None},
+        gram=True,
+        koleo_loss_weight=0.3,
+        ibot_loss_weight=0.7,
+        dino_loss_weight=1.3,
+        dino_local_loss_weight={"peak": 0.5},
+        gram_loss_weight={"start": 0.0, "peak": 2.0, "warmup": 4},
+        teacher_temp={"start": 0.04, "peak": 0.07, "warmup": 10},
+    )
+    batch = make_batches(chips, 1, gram=True)[0]
+    step = 3
+    got = module.compute_losses(batch, step)
+
+    g, loc, masks = batch["collated_global_crops"], batch["collated_local_crops"], batch["collated_masks"]
+    assert masks.any()
+    temp = 0.04 + 0.03 * step / 10
+    with torch.no_grad():
+        t_out = module.teacher["backbone"].forward_features(g)
+        t_cls = naive_sinkhorn(module.teacher["dino_head"](t_out["x_norm_clstoken"]), temp).view(2, BATCH, -1)
+        t_ibot = naive_sinkhorn(module.teacher["ibot_head"](t_out["x_norm_patchtokens"][masks]), temp)
+        s_glob = module.student["backbone"].forward_features(g, masks=masks)
+        s_loc = module.student["backbone"].forward_features(loc)
+        s_g_logits = module.student["dino_head"](s_glob["x_norm_clstoken"]).view(2, BATCH, -1)
+        s_l_logits = module.student["dino_head"](s_loc["x_norm_clstoken"]).view(N_LOCAL, BATCH, -1)
+        s_ibot = module.student["ibot_head"](s_glob["x_norm_patchtokens"][masks])
+        gram_t = module.gram_teacher["backbone"].forward_features(batch["collated_gram_crops"])
+        gram_maps = (
+            gram_t["x_norm_patchtokens"].transpose(1, 2).reshape(2 * BATCH, -1, GRAM // 16, GRAM // 16)
+        )
+        gram_maps = F.interpolate(gram_maps, size=(GLOBAL // 16,) * 2, mode="bicubic", align_corners=False)
+        gram_targets = gram_maps.flatten(2).transpose(1, 2)
+
+    local = np.mean(
+        [
+            naive_ce(s_l_logits[s, b], t_cls[t, b])
+            for s in range(N_LOCAL)
+            for t in range(2)
+            for b in range(BATCH)
+        ]
+    )
+    glob = np.mean([naive_ce(s_g_logits[s, b], t_cls[1 - s, b]) for s in range(2) for b in range(BATCH)])
+    koleo = np.mean([naive_koleo(c) for c in s_glob["x_norm_clstoken"].view(2, BATCH, -1)])
+    rows = iter(range(int(masks.sum())))
+    ibot = 0.0
+    for image_mask in masks:  # masked patches in image-major, then patch order
+        for _ in range(int(image_mask.sum())):
+            r = next(rows)
+            ibot += naive_ce(s_ibot[r], t_ibot[r]) / int(image_mask.sum())
+    ibot /= 2 * BATCH
+    gram = naive_gram(s_glob["x_norm_patchtokens"], gram_targets)
+    n_local_pairs, n_global_pairs = 2 * N_LOCAL, 2
+    dino = (n_local_pairs * 0.5 * local + n_global_pairs * glob) / (n_local_pairs + n_global_pairs)
+    total = 1.3 * dino + 0.3 * 2 * koleo + 0.7 * ibot + 2.0 * (step / 4) * gram
+
+    expected = {
+        "dino_local_crops_loss": local,
+        "dino_global_crops_loss": glob,
+        "koleo_loss": koleo,
+        "ibot_loss": ibot,
+        "gram_loss": gram,
+        "loss": total,
+    }
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.isfinite(got[name]), name
+        assert float(got[name].detach()) == pytest.approx(value, rel=2e-5, abs=1e-6), name
+    assert got["loss"].requires_grad
+
+
+def test_gram_needs_gram_crops(chips) -> None:
+    module = tiny_module(gram=True)
+    with pytest.raises(KeyError, match="gram_crops_size"):
+        module.compute_losses(make_batches(chips, 1)[0], 0)
+
+
+# ---------------------------------------------------------------- Lightning fits
+
+
+def test_fit_lowers_loss_teacher_stays_eval(chips) -> None:
+    """Overfitting one fixed batch lowers the total loss; the teacher stays in eval mode and lags."""
+    batch = make_batches(chips, 1)[0]
+    module = tiny_module()
+    modes = Recorder(lambda m, _: (m.student.training, m.teacher.training))
+    losses = Recorder(losses_of)
+    fit(module, [batch] * 8, 8, trainer_kwargs={"callbacks": [modes, losses]})
+    totals = [v["loss"] for v in losses.values]
+    assert len(totals) == 8 and all(math.isfinite(t) for t in totals)
+    assert totals[-1] < 0.95 * totals[0]
+    assert modes.values == [(True, False)] * 8
+    assert not module.teacher.training
+    student, teacher = params_of(module.student), params_of(module.teacher)
+    assert not all(torch.equal(student[k], teacher[k]) for k in student)
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+
+
+def test_ema_follows_formula_with_momentum_schedule(chips) -> None:
+    batches = make_batches(chips, 2)
+    module = tiny_module(momentum={"start": 0.5, "peak": 0.9, "warmup": 2})  # m = 0.5, then 0.7
+    before = params_of(module.teacher)
+    assert all(torch.equal(before[k], v) for k, v in params_of(module.student).items())
+    states = Recorder(lambda m, _: (params_of(m.student), params_of(m.teacher)))
+    fit(module, batches, 2, trainer_kwargs={"callbacks": [states]})
+    (student0, teacher0), (student1, teacher1) = states.values
+    for name in before:
+        torch.testing.assert_close(
+            teacher0[name], 0.5 * before[name] + 0.5 * student0[name], rtol=1e-6, atol=1e-7
+        )
+        torch.testing.assert_close(
+            teacher1[name], 0.7 * teacher0[name] + 0.3 * student1[name], rtol=1e-6, atol=1e-7
+        )
+    assert not torch.equal(teacher1["backbone.cls_token"], student1["backbone.cls_token"])
+
+
+def expected_lr_multiplier(name: str, n_blocks: int, decay: float, patch_embed: float) -> float:
+    """Official layer-wise decay, written independently: embeddings 0, block i → i + 1, the rest L + 1."""
+    block = re.search(r"\.blocks\.(\d+)\.", name)
+    if block:
+        layer = int(block.group(1)) + 1
+    elif any(t in name for t in ("patch_embed", "cls_token", "storage_tokens", "mask_token")):
+        layer = 0
+    else:
+        layer = n_blocks + 1
+    return decay ** (n_blocks + 1 - layer) * (patch_embed if "patch_embed" in name else 1.0)
+
+
+def test_param_group_lr_and_wd_follow_schedules(chips) -> None:
+    module = tiny_module(
+        lr={"start": 0.0, "peak": 1e-3, "warmup": 4},
+        weight_decay={"peak": 0.04, "end": 0.4, "cosine": 4},
+        freeze_last_layer=2,
+        layer_decay=0.5,
+        patch_embed_lr_mult=0.2,
+    )
+    seen: list[list[tuple[list[str], float, float]]] = []
+
+    class Groups(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            seen.append([(g["names"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups])
+
+    last_layer = Recorder(lambda m, _: m.student["dino_head"].last_layer.weight.detach().clone())
+    initial_last_layer = module.student["dino_head"].last_layer.weight.detach().clone()
+    fit(module, make_batches(chips, 5), 5, trainer_kwargs={"callbacks": [Groups(), last_layer]})
+
+    assert len(seen) == 5
+    for step, groups in enumerate(seen):
+        lr = 1e-3 * step / 4 if step < 4 else 1e-3
+        wd = 0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * step / 4))
+        names = [n for group_names, _, _ in groups for n in group_names]
+        assert len(names) == len(set(names)) == sum(1 for _ in module.student.parameters())
+        for group_names, group_lr, group_wd in groups:
+            for name in group_names:
+                mult = expected_lr_multiplier(name, 2, 0.5, 0.2)
+                frozen = name.endswith("last_layer.weight") and step < 2
+                assert group_lr == pytest.approx(0.0 if frozen else lr * mult, abs=1e-15), (step, name)
+                no_wd = name.endswith("bias") or "norm" in name or "gamma" in name
+                assert group_wd == pytest.approx(0.0 if no_wd else wd, abs=1e-15), (step, name)
+    # LR 0 keeps the last layer fixed for 2 steps (step 0 also has warmup LR 0), then it moves
+    assert torch.equal(last_layer.values[1], initial_last_layer)
+    assert not torch.equal(last_layer.values[2], initial_last_layer)
+
+
+def test_gradient_clipping_per_submodule(chips) -> None:
+    max_norm = 1e-3
+    after: list[dict[str, float]] = []
+
+    class Probe(DINOv3Module):
+        def configure_gradient_clipping(
+            self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+        ):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            after.append(
+                {
+                    name: float(
+                        torch.linalg.vector_norm(
+                            torch.stack([p.grad.norm() for p in m.parameters() if p.grad is not None])
+                        )
+                    )
+                    for name, m in self.student.items()
+                }
+            )
+
+    args = {**tiny_module().hparams, "clip_grad": max_norm}
+    module = Probe(**args)
+    fit(module, make_batches(chips, 2), 2)
+    assert len(after) == 2
+    for step in after:
+        # each sub-module is clipped to max_norm on its own (one global clip would leave their
+        # squared norms summing to max_norm²)
+        assert step == pytest.approx(dict.fromkeys(step, max_norm), rel=1e-4)
+    module = tiny_module()
+    with pytest.raises(ValueError, match="clip_grad"):
+        fit(module, make_batches(chips, 1), 1, trainer_kwargs={"gradient_clip_val": 1.0})
+
+
+def test_gram_snapshot_and_refresh_schedule(chips) -> None:
+    """Refresh after steps it with (it + 1) in {4, 6} (first 4, every 2, at most 2; 8 is over the cap)."""
+    module = tiny_module(gram=True, gram_update_frequency=2, gram_first_update=4, gram_max_updates=2)
+    init_teacher = params_of(module.teacher["backbone"])
+    init_gram = params_of(module.gram_teacher["backbone"])
+    assert all(torch.equal(init_gram[k], v) for k, v in init_teacher.items())
+    states = Recorder(
+        lambda m, out: (
+            params_of(m.teacher["backbone"]),
+            params_of(m.gram_teacher["backbone"]),
+            int(m.gram_updates),
+            float(out["gram_loss"]),
+            m.gram_teacher.training,
+        )
+    )
+    fit(module, make_batches(chips, 8, gram=True), 8, trainer_kwargs={"callbacks": [states]})
+    teachers = [s[0] for s in states.values]
+    source = {0: init_gram, 1: init_gram, 2: init_gram, 3: teachers[3], 4: teachers[3]}
+    source.update(dict.fromkeys((5, 6, 7), teachers[5]))
+    for step, (_, gram, count, loss, training) in enumerate(states.values):
+        assert all(torch.equal(gram[k], source[step][k]) for k in gram), step
+        assert count == (0 if step < 3 else 1 if step < 5 else 2)
+        assert math.isfinite(loss) and not training
+    assert not torch.equal(teachers[7]["cls_token"], teachers[5]["cls_token"])
+    assert all(not p.requires_grad for p in module.gram_teacher.parameters())
+    assert int(module.state_dict()["gram_updates"]) == 2
+
+
+# ---------------------------------------------------------------- export and stage initialisation
+
+
+def perturb_teacher(module: DINOv3Module, seed: int) -> None:
+    """Moves the student away from its initialisation and the teacher towards it (one EMA step)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.student.parameters():
+            p.add_(torch.randn(p.shape, generator=gen), alpha=0.01)
+    module.update_ema(0.5)
+
+
+def test_export_teacher_reads_with_load_backbone(tmp_path: Path) -> None:
+    """A full ViT-S/16 preset: the exported file loads with the ordinary backbone loader."""
+    module = DINOv3Module(PRESET, drop_path_rate=0.0, **HEADS)
+    perturb_teacher(module, 0)
+    path = module.export_teacher(tmp_path / "stage1" / "teacher.pth")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["teacher.pth"]  # no temporary left behind
+    raw = torch.load(path, weights_only=True)
+    assert list(raw) == ["teacher"]
+    assert {k.split(".")[0] for k in raw["teacher"]} == {"backbone", "dino_head", "ibot_head"}
+    backbone = load_backbone(PRESET, weights=path)
+    x = torch.randn(2, 3, 48, 64)
+    want = module.teacher["backbone"].forward_features(x)
+    have = backbone.forward_features(x)
+    for key in ("x_norm_clstoken", "x_norm_patchtokens", "x_storage_tokens"):
+        assert torch.equal(have[key], want[key])
+    assert not torch.equal(
+        want["x_norm_clstoken"], module.student["backbone"].eval().forward_features(x)["x_norm_clstoken"]
+    )
+
+
+def test_init_from_and_gram_from_load_previous_stage(tmp_path: Path) -> None:
+    previous = tiny_module()
+    perturb_teacher(previous, 1)
+    path = previous.export_teacher(tmp_path / "teacher.pth")
+    exported = previous.teacher.state_dict()
+
+    torch.manual_seed(123)  # a different random initialisation, entirely replaced
+    module = tiny_module(init_from=str(path), gram=True)
+    for networks in (module.student, module.teacher):
+        state = networks.state_dict()
+        assert state.keys() == exported.keys()
+        assert all(torch.equal(state[k], exported[k]) for k in state)
+    gram = module.gram_teacher["backbone"].state_dict()
+    assert all(torch.equal(v, exported[f"backbone.{k}"]) for k, v in gram.items())
+
+    other = tiny_module(gram=True, gram_from=str(path))  # Gram teacher from the file, networks fresh
+    gram = other.gram_teacher["backbone"].state_dict()
+    assert all(torch.equal(v, exported[f"backbone.{k}"]) for k, v in gram.items())
+    assert not torch.equal(other.teacher["backbone"].cls_token, gram["cls_token"])
+
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"teacher": {k: v for k, v in exported.items() if not k.startswith("ibot_head")}}, wrong)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        tiny_module(init_from=str(wrong))
+    (tmp_path / "broken.pth").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        tiny_module(init_from=str(tmp_path / "broken.pth"))
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+def test_resume_reproduces_losses_exactly(chips, tmp_path: Path) -> None:
+    """Drop-path and RoPE rescaling on: steps 4-6 after resuming at step 3 equal the uninterrupted run."""
+    batches = make_batches(chips, 3)  # one epoch = 3 steps, the same batches every epoch
+    args = {"drop_path_rate": 0.3, "backbone_overrides": {**TINY, "pos_embed_rope_rescale_coords": 2}}
+    full = tiny_module(**args)
+    losses = Recorder(losses_of)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    fit(full, batches, 6, trainer_kwargs={"callbacks": [losses, ckpt], "enable_checkpointing": True})
+
+    path = tmp_path / "step=3.ckpt"
+    saved = torch.load(path, weights_only=True)  # plain hyper-parameters and optimizer groups
+    assert saved["hyper_parameters"]["drop_path_rate"] == 0.3
+    torch.manual_seed(99)
+    resumed = tiny_module(**args)
+    losses_resumed = Recorder(losses_of)
+    fit(
+        resumed, batches, 6, ckpt_path=path, weights_only=True, trainer_kwargs={"callbacks": [losses_resumed]}
+    )
+
+    assert len(losses.values) == 6
+    assert losses_resumed.values == losses.values[3:]
+    final, final_resumed = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(final[k], final_resumed[k]) for k in final)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_step_randomness_comes_from_seed_step_and_batch(chips) -> None:
+    """Drop-path / RoPE draws are random, fixed by (seed, step, batch_idx), and leave the global RNG alone."""
+    batch = make_batches(chips, 1)[0]
+    module = tiny_module(drop_path_rate=0.3, backbone_overrides={**TINY, "pos_embed_rope_rescale_coords": 2})
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = losses_of(None, module.training_step(batch, 0))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(6)
+    assert losses_of(None, module.training_step(batch, 0)) == first
+    assert losses_of(None, module.training_step(batch, 1)) != first  # another micro-batch of the step
+    module.hparams.seed = 1
+    assert losses_of(None, module.training_step(batch, 0)) != first
