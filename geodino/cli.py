@@ -5,6 +5,8 @@ build a training set from a raster corpus, each step writing one file the next s
 
     geodino index rasters/ --out corpus.parquet          # GeoParquet index: footprints, CRS, GSD, bands
     geodino sample corpus.parquet --n 10000 --out chips.parquet   # random 512 px chips, nodata rejected
+    geodino curate corpus.parquet --candidates 100000 --keep 10000 --out curated.parquet  # k-means balance
+    geodino chips curated.parquet --corpus corpus.parquet --out chips.zarr   # materialise into zarr
 
 ``geodino fit --config recipes/<stage>.yaml`` pretrains through LightningCLI (every YAML key maps onto
 a constructor argument of :class:`~geodino.train.DINOv3Module`, :class:`~geodino.train.PretrainDataModule`
@@ -23,7 +25,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from torch import nn
+    from collections.abc import Callable
+
+    from torch import Tensor, nn
 
     from geodino.models import BackbonePreset
 
@@ -87,6 +91,38 @@ def _parser() -> argparse.ArgumentParser:
         help="largest nodata fraction of a chip (default: %(default)s)",
     )
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+    curate = commands.add_parser(
+        "curate",
+        help="embed candidate chips, hierarchical k-means, keep a cluster-balanced subset",
+        description=(
+            "DINOv2/DINOv3 data curation: draw candidate chips, embed them with a backbone (CLS token), "
+            "cluster with hierarchical k-means and keep a subset balanced across clusters."
+        ),
+    )
+    curate.add_argument("corpus", type=Path, help="corpus file written by `geodino index`")
+    curate.add_argument("--out", type=Path, required=True, help="curated chip table to write (.parquet)")
+    curate.add_argument("--candidates", type=int, required=True, help="candidate chips to draw")
+    curate.add_argument("--keep", type=int, required=True, help="chips to keep")
+    curate.add_argument("--levels", type=int, nargs="+", default=[1000, 100, 10], help="clusters per level")
+    curate.add_argument("--size", type=int, default=512, help="chip side, pixels (default: %(default)s)")
+    curate.add_argument(
+        "--embed-size", type=int, default=224, help="chips are resized to this side for the backbone"
+    )
+    curate.add_argument("--backbone", default="dinov3_vits16", help="preset name (default: %(default)s)")
+    curate.add_argument("--weights", type=Path, help="local checkpoint of the backbone")
+    curate.add_argument("--batch-size", type=int, default=32, help="chips per forward pass")
+    curate.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+    chips = commands.add_parser(
+        "chips",
+        help="materialise the chips of a chip table into a zarr chip store (resumable)",
+        description="Read every chip of a chip table and write it into a zarr store, one chunk per chip.",
+    )
+    chips.add_argument("table", type=Path, help="chip table written by `geodino sample` or `geodino curate`")
+    chips.add_argument("--corpus", type=Path, required=True, help="the corpus the table was drawn from")
+    chips.add_argument("--out", type=Path, required=True, help="zarr store to write (.zarr)")
+    chips.add_argument("--overwrite", action="store_true", help="replace an existing store")
     return parser
 
 
@@ -261,6 +297,85 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chip_embedder(backbone: nn.Module, preset: BackbonePreset, size: int) -> Callable[[Tensor], Tensor]:
+    """Chips ``float32 [B, C, H, W]`` in [0, 1] -> CLS embeddings ``[B, D]`` (normalised, resized)."""
+    import torch
+    import torch.nn.functional as F
+
+    mean = torch.tensor(preset.mean).view(1, -1, 1, 1)
+    std = torch.tensor(preset.std).view(1, -1, 1, 1)
+
+    def embed(chips: Tensor) -> Tensor:
+        x = F.interpolate(chips, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return backbone.forward_features((x - mean) / std)["x_norm_clstoken"]
+
+    return embed
+
+
+def run_curate(args: argparse.Namespace) -> int:
+    """The ``curate`` subcommand."""
+    from geodino.data import CorpusDataset, RandomChipSampler, RasterCorpus, curate, embed_chips
+    from geodino.io import write_geoparquet
+    from geodino.models import CheckpointError, get_preset
+
+    problem = _check_output_file(args.out, ".parquet")
+    if problem:
+        return _error(problem)
+    if not args.corpus.is_file():
+        return _error(f"{args.corpus}: no such corpus file; write one with `geodino index`")
+    try:
+        preset = get_preset(args.backbone)
+    except KeyError as err:
+        return _error(str(err.args[0]))
+    corpus = RasterCorpus.load(args.corpus)
+    bands = len(corpus.index["bands"].iloc[0])
+    if bands != len(preset.mean):
+        return _error(
+            f"{args.corpus} reads {bands} bands but {preset.name} takes {len(preset.mean)}; "
+            "index the corpus with --bands (e.g. --bands red green blue)"
+        )
+    try:
+        model = _backbone(preset, args.weights, args.seed).eval()
+        refs = RandomChipSampler(
+            corpus.valid_maps, size=args.size, num_samples=args.candidates, seed=args.seed
+        ).epoch_refs(0)
+        embeddings = embed_chips(
+            CorpusDataset(corpus, refs),
+            _chip_embedder(model, preset, args.embed_size),
+            batch_size=args.batch_size,
+        )
+        curated = curate(corpus.chip_table(refs), embeddings, args.keep, levels=args.levels, seed=args.seed)
+    except (CheckpointError, ValueError) as err:
+        return _error(str(err))
+    write_geoparquet(curated, args.out)
+    print(f"kept {len(curated)} of {len(refs)} candidate chips, levels {args.levels} -> {args.out}")
+    return 0
+
+
+def run_chips(args: argparse.Namespace) -> int:
+    """The ``chips`` subcommand."""
+    import geopandas as gpd
+
+    from geodino.data import CorpusDataset, RasterCorpus, RasterFileError, write_chip_store
+
+    if args.out.suffix.lower() != ".zarr":
+        return _error(f"--out {args.out}: expected a .zarr store name")
+    if not args.out.parent.is_dir():
+        return _error(f"--out {args.out}: the folder {args.out.parent} does not exist; create it first")
+    for path, how in ((args.table, "`geodino sample` or `geodino curate`"), (args.corpus, "`geodino index`")):
+        if not path.is_file():
+            return _error(f"{path}: no such file; write it with {how}")
+    corpus = RasterCorpus.load(args.corpus)
+    table = gpd.read_parquet(args.table)
+    try:
+        source = CorpusDataset(corpus, table, scaled=False)
+        store = write_chip_store(args.out, source, chips=table, overwrite=args.overwrite)
+    except (RasterFileError, ValueError, KeyError) as err:
+        return _error(str(err))
+    print(f"{len(store)} chips -> {args.out}")
+    return 0
+
+
 #: Subcommands handled by LightningCLI rather than argparse.
 LIGHTNING_COMMANDS = ("fit", "validate")
 
@@ -292,4 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_index(args)
     if args.command == "sample":
         return run_sample(args)
+    if args.command == "curate":
+        return run_curate(args)
+    if args.command == "chips":
+        return run_chips(args)
     return run_demo(args.out, args.backbone, args.weights, args.size, args.seed)

@@ -73,3 +73,35 @@ def test_bad_outputs_and_inputs_are_refused(tmp_path: Path, capsys: pytest.Captu
     assert ".parquet file name" in err and "does not exist" in err and "geodino index" in err
     assert str(bad) in err
     assert not list(tmp_path.glob("*.parquet"))
+
+
+def test_curate_then_chips_materialises_a_balanced_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from geodino.data import ChipStore
+
+    corpus_path = tmp_path / "corpus.parquet"
+    curated_path, store_path = tmp_path / "curated.parquet", tmp_path / "chips.zarr"
+    assert main(["index", *_rasters(), "--out", str(corpus_path)]) == 0
+    args = ["--candidates", "40", "--keep", "12", "--levels", "6", "3", "--size", "64", "--embed-size", "32"]
+    assert main(["curate", str(corpus_path), *args, "--batch-size", "20", "--out", str(curated_path)]) == 0
+    curated = gpd.read_parquet(curated_path)
+    assert len(curated) == 12
+    assert {"cluster_l1", "cluster_l2"} <= set(curated.columns)
+    assert curated["cluster_l2"].nunique() == 3  # balanced: every top-level cluster contributes
+
+    assert main(["chips", str(curated_path), "--corpus", str(corpus_path), "--out", str(store_path)]) == 0
+    store = ChipStore(store_path)
+    assert len(store) == 12
+    corpus = RasterCorpus.load(corpus_path)
+    for i, ref in enumerate(corpus.refs(curated)):
+        chip, source = store[i], corpus.read(ref)
+        np.testing.assert_array_equal(chip.image, source.image.astype(chip.image.dtype))
+        np.testing.assert_array_equal(chip.valid, source.valid)
+        assert chip.transform == source.transform
+    assert "12 chips" in capsys.readouterr().out
+    # a store name that is not .zarr is refused before anything is written
+    assert (
+        main(["chips", str(curated_path), "--corpus", str(corpus_path), "--out", str(tmp_path / "x.tif")])
+        == 2
+    )

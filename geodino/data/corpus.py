@@ -652,10 +652,21 @@ class CorpusDataset(torch.utils.data.Dataset):
     Args:
         corpus: The corpus.
         refs: Chips for integer indexing: a list of :class:`ChipRef` or a chip table.
+        scaled: Scale chips to float32 [0, 1]; False keeps raw pixel values, in the corpus' common dtype
+            (``numpy.result_type`` of its rasters' dtypes, e.g. uint16 for uint8 + uint16), so that every chip
+            has one dtype (e.g. to store raw chips).
     """
 
-    def __init__(self, corpus: RasterCorpus, refs: Sequence[ChipRef] | pd.DataFrame | None = None) -> None:
+    def __init__(
+        self,
+        corpus: RasterCorpus,
+        refs: Sequence[ChipRef] | pd.DataFrame | None = None,
+        *,
+        scaled: bool = True,
+    ) -> None:
         self.corpus = corpus
+        self.scaled = scaled
+        self.dtype = np.result_type(*corpus.index["dtype"])
         if isinstance(refs, pd.DataFrame):
             refs = corpus.refs(refs)
         self.refs = None if refs is None else list(refs)
@@ -671,5 +682,7 @@ class CorpusDataset(torch.utils.data.Dataset):
                 raise TypeError(f"index a CorpusDataset without refs by ChipRef, got {type(key).__name__}")
             key = self.refs[operator.index(key)]
         chip = self.corpus.read(key)
-        chip.image = self.corpus.scale(chip.image)
+        chip.image = (
+            self.corpus.scale(chip.image) if self.scaled else chip.image.astype(self.dtype, copy=False)
+        )
         return chip
