@@ -314,3 +314,70 @@ def test_smaller_than_chip_without_pad(tmp_path: Path):
         RasterTiler(path, size=64, pad=False)
     chips = list(RasterTiler(path, size=64, pad=True))
     assert len(chips) == 1 and chips[0].valid.sum() == 40 * 50
+
+
+# -------------------------------------------------------------------------------------------- AOI
+
+
+def _aoi_lonlat(path: Path, radius_m: float) -> tuple:
+    """A circle around the raster's centre, in lon/lat (EPSG:4326), and the same circle in the raster CRS."""
+    import shapely
+    from rasterio.warp import transform_geom
+
+    with rasterio.open(path) as src:
+        b, crs = src.bounds, src.crs
+    circle = shapely.Point((b.left + b.right) / 2, (b.bottom + b.top) / 2).buffer(radius_m, quad_segs=32)
+    lonlat = shapely.geometry.shape(transform_geom(crs, "EPSG:4326", shapely.geometry.mapping(circle)))
+    return lonlat, circle
+
+
+def test_aoi_tiles_only_its_pixels_each_exactly_once():
+    from rasterio.features import geometry_mask
+
+    path = _raster("RGB.byte.tif")
+    lonlat, circle = _aoi_lonlat(path, 40_000)
+    tiler = RasterTiler(path, size=64, stride=48, aoi=lonlat, aoi_crs="EPSG:4326")
+    full = RasterTiler(path, size=64, stride=48)
+    assert 0 < len(tiler) < len(full)
+    region = tiler.region
+    region_transform = tiler.transform @ Affine.translation(region.col_off, region.row_off)
+    shape = (int(region.height), int(region.width))
+    inside = geometry_mask([circle], out_shape=shape, transform=region_transform, invert=True)
+    # the region ends at the circle's far edges and starts on the block grid (3-row strips spanning
+    # the full width here: rows snap to multiples of 3, columns to 0)
+    rows, cols = np.nonzero(inside)
+    assert rows.max() >= shape[0] - 2 and cols.max() >= shape[1] - 2  # pixel-centre rule: 1 px slack
+    assert region.row_off % 3 == 0 and region.col_off == 0
+    # every chip: pixels outside the AOI are invalid, inside ones keep the file's mask
+    for chip in tiler:
+        r0, c0 = int(chip.window.row_off - region.row_off), int(chip.window.col_off - region.col_off)
+        h, w = min(64, shape[0] - r0), min(64, shape[1] - c0)
+        assert not chip.valid[:h, :w][~inside[r0 : r0 + h, c0 : c0 + w]].any()
+    # stitched ones: every AOI pixel owned by exactly one chip, nothing outside the kept windows
+    mosaic = tiler.mosaic([np.ones((64, 64), dtype=np.int32) for _ in range(len(tiler))])
+    assert (mosaic[inside] == 1).all()
+    assert mosaic.shape == shape
+
+
+def test_aoi_region_is_block_aligned_on_a_tiled_file():
+    import shapely
+
+    path = _raster("cogeo.tif")
+    with rasterio.open(path) as src:
+        block_h, block_w = src.block_shapes[0]
+        x0, y0 = src.transform @ (300, 700)
+        x1, y1 = src.transform @ (600, 900)
+    tiler = RasterTiler(path, size=128, aoi=shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+    assert tiler.region.col_off % block_w == 0 and tiler.region.row_off % block_h == 0
+    assert tiler.region.col_off <= 300 and tiler.region.row_off <= 700
+    assert tiler.region.col_off + tiler.region.width >= 600
+
+
+def test_empty_or_disjoint_aoi_is_a_clear_error():
+    import shapely
+
+    path = _raster("RGB.byte.tif")
+    with pytest.raises(RasterFileError, match=r"RGB\.byte\.tif.*AOI is empty"):
+        RasterTiler(path, size=64, aoi=shapely.Polygon())
+    with pytest.raises(RasterFileError, match=r"RGB\.byte\.tif.*does not overlap"):
+        RasterTiler(path, size=64, aoi=shapely.box(10, 50, 11, 51), aoi_crs="EPSG:4326")

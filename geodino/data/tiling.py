@@ -27,11 +27,15 @@ from typing import NamedTuple
 
 import numpy as np
 import rasterio
+import shapely
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioIOError
-from rasterio.windows import Window
+from rasterio.features import geometry_mask
+from rasterio.warp import transform_geom
+from rasterio.windows import Window, from_bounds
+from shapely.geometry.base import BaseGeometry
 
 __all__ = [
     "Chip",
@@ -171,6 +175,7 @@ def mosaic_owned(
     height: int,
     width: int,
     fill: float = 0,
+    allow_gaps: bool = False,
 ) -> np.ndarray:
     """Stitch per-window outputs into one ``[..., height, width]`` array using each window's owned part.
 
@@ -182,7 +187,9 @@ def mosaic_owned(
         owned: The owned window of each grid window (source pixels), from :func:`owned_windows`.
         height: Raster height in pixels.
         width: Raster width in pixels.
-        fill: Value of pixels no owned window covers (none, for a grid from this module).
+        fill: Value of pixels no owned window covers (none, for a full grid from this module).
+        allow_gaps: Accept pixels no owned window covers (they hold ``fill``), as for a grid clipped to
+            an AOI; overlaps are refused either way.
 
     Returns:
         The mosaic, in the dtype of the first output.
@@ -208,7 +215,7 @@ def mosaic_owned(
             raise ValueError(f"owned window {own} is not inside its grid window {win}")
         mosaic[..., r0:r1, c0:c1] = out[..., r0 - wr0 : r1 - wr0, c0 - wc0 : c1 - wc0]
         count[r0:r1, c0:c1] += 1
-    if not (count == 1).all():
+    if (count > 1).any() or not (allow_gaps or (count == 1).all()):
         raise ValueError(
             f"owned windows do not cover the raster exactly once: counts range {count.min()}..{count.max()}"
         )
@@ -397,6 +404,41 @@ def _valid_mask(
     return v
 
 
+def _shift(window: Window, offset: tuple[int, int]) -> Window:
+    """``window`` moved by ``(cols, rows)`` pixels."""
+    return Window(window.col_off + offset[0], window.row_off + offset[1], window.width, window.height)
+
+
+def _aoi_in_raster_crs(
+    path: Path, src: rasterio.DatasetReader, aoi: BaseGeometry, aoi_crs: str | CRS | None
+) -> BaseGeometry:
+    """The AOI reprojected to the raster's CRS (densified edges); refuses an empty or invalid one."""
+    if aoi.is_empty:
+        raise RasterFileError(f"{path}: the AOI is empty; give a polygon that overlaps the raster")
+    if aoi_crs is not None and CRS.from_user_input(aoi_crs) != src.crs:
+        aoi = shapely.geometry.shape(
+            transform_geom(CRS.from_user_input(aoi_crs), src.crs, shapely.geometry.mapping(aoi))
+        )
+    return shapely.make_valid(aoi)
+
+
+def _aoi_region(path: Path, src: rasterio.DatasetReader, aoi: BaseGeometry) -> Window:
+    """Pixel window covering the AOI inside the raster, its start snapped down to the block grid."""
+    bounds = shapely.Polygon.from_bounds(*src.bounds)
+    if not shapely.intersects(aoi, bounds) or shapely.intersection(aoi, bounds).area == 0:
+        raise RasterFileError(
+            f"{path}: the AOI {tuple(round(v, 3) for v in aoi.bounds)} does not overlap the raster's bounds "
+            f"{tuple(round(v, 3) for v in src.bounds)} (CRS {src.crs.to_string()}); check the AOI and its CRS"
+        )
+    window = from_bounds(*shapely.intersection(aoi, bounds).bounds, transform=src.transform)
+    col0, row0 = math.floor(window.col_off), math.floor(window.row_off)
+    col1 = min(math.ceil(window.col_off + window.width), src.width)
+    row1 = min(math.ceil(window.row_off + window.height), src.height)
+    block_h, block_w = src.block_shapes[0]
+    col0, row0 = max(col0, 0) // block_w * block_w, max(row0, 0) // block_h * block_h  # block-aligned reads
+    return Window(col0, row0, col1 - col0, row1 - row0)
+
+
 class RasterTiler:
     """Iterate a GeoTIFF as a grid of :class:`Chip` s.
 
@@ -414,11 +456,23 @@ class RasterTiler:
         nodata: Value marking invalid pixels, overriding the file's nodata and masks (for an undeclared
             fill value); the file's by default.
         check_valid: Refuse a raster without any valid pixel (cheap decimated check first).
+        aoi: Area of interest (shapely geometry, in ``aoi_crs``): only the raster's part under it is tiled.
+            The grid covers the AOI's bounding window, its start snapped down to the file's block grid
+            (block-aligned reads); windows that miss the AOI are dropped, and pixels outside the AOI are
+            invalid in every chip (``Chip.valid`` False), so an evaluation over owned windows counts each
+            AOI pixel exactly once.
+        aoi_crs: CRS of ``aoi`` (anything ``CRS.from_user_input`` takes); the raster's CRS by default.
+
+    Attributes:
+        region: The window of the raster the grid covers (the whole raster without an AOI), pixels.
+        windows: Grid windows in raster pixels (row-major), see :func:`grid_windows`.
+        owned: Owned part of each window, see :func:`owned_windows`.
 
     Raises:
         FileNotFoundError: The file does not exist.
         RasterFileError: The file is unreadable, has no CRS, is smaller than a chip with ``pad=False``,
-            has no valid pixel, or ``bands`` names a band it does not have. Messages name the file.
+            has no valid pixel, ``bands`` names a band it does not have, or the AOI is empty or misses the
+            raster. Messages name the file.
     """
 
     def __init__(
@@ -432,6 +486,8 @@ class RasterTiler:
         fill: float | None = None,
         nodata: float | None = None,
         check_valid: bool = True,
+        aoi: BaseGeometry | None = None,
+        aoi_crs: str | CRS | None = None,
     ) -> None:
         self.path = Path(path)
         self.size = size
@@ -470,8 +526,54 @@ class RasterTiler:
                     ) from e
                 if not has_valid:
                     raise RasterFileError(f"{self.path}: all pixels are nodata / masked; nothing to tile")
-        self.windows = grid_windows(self.height, self.width, size=size, stride=self.stride, pad=pad)
-        self.owned = owned_windows(self.height, self.width, size=size, stride=self.stride, pad=pad)
+            self.aoi = None if aoi is None else _aoi_in_raster_crs(self.path, src, aoi, aoi_crs)
+            self.region = Window(0, 0, self.width, self.height)
+            if self.aoi is not None:
+                self.region = _aoi_region(self.path, src, self.aoi)
+        r = self.region
+        h, w = int(r.height), int(r.width)
+        windows = grid_windows(h, w, size=size, stride=self.stride, pad=pad)
+        owned = owned_windows(h, w, size=size, stride=self.stride, pad=pad)
+        shift = (int(r.col_off), int(r.row_off))
+        pairs = [(_shift(a, shift), _shift(b, shift)) for a, b in zip(windows, owned, strict=True)]
+        if self.aoi is not None:
+            # Drop windows whose owned part misses the AOI: none of their pixels is ever counted.
+            pairs = [(a, b) for a, b in pairs if shapely.intersects(self._footprint(b), self.aoi)]
+        self.windows = [a for a, _ in pairs]
+        self.owned = [b for _, b in pairs]
+
+    def _footprint(self, window: Window) -> BaseGeometry:
+        """Polygon of a window in the raster's CRS."""
+        col0, row0 = window.col_off, window.row_off
+        corners = [(col0, row0), (col0 + window.width, row0), (col0 + window.width, row0 + window.height)]
+        corners.append((col0, row0 + window.height))
+        return shapely.Polygon([self.transform @ c for c in corners])
+
+    def aoi_mask(self, window: Window) -> np.ndarray | None:
+        """``bool [h, w]``, True inside the AOI, for a window (pixels); None without an AOI."""
+        if self.aoi is None:
+            return None
+        transform = self.transform @ Affine.translation(window.col_off, window.row_off)
+        shape = (int(window.height), int(window.width))
+        return geometry_mask([self.aoi], out_shape=shape, transform=transform, invert=True, all_touched=False)
+
+    def mosaic(self, outputs: Sequence[np.ndarray], fill: float = 0) -> np.ndarray:
+        """Stitch one output per chip (``[..., size, size]``) into ``[..., region.height, region.width]``.
+
+        Each pixel of the region comes from the one chip that owns it (:func:`mosaic_owned`); with an AOI,
+        pixels no kept window owns (outside the AOI's windows) hold ``fill``. The mosaic's transform is
+        ``transform @ Affine.translation(region.col_off, region.row_off)``.
+        """
+        shift = (-int(self.region.col_off), -int(self.region.row_off))
+        return mosaic_owned(
+            outputs,
+            [_shift(w, shift) for w in self.windows],
+            [_shift(w, shift) for w in self.owned],
+            height=int(self.region.height),
+            width=int(self.region.width),
+            fill=fill,
+            allow_gaps=self.aoi is not None,
+        )
 
     @property
     def src(self) -> rasterio.DatasetReader:
@@ -494,7 +596,7 @@ class RasterTiler:
         if not -len(self) <= index < len(self):
             raise IndexError(f"chip index {index} out of range for {len(self)} chips of {self.path}")
         try:
-            return read_chip(
+            chip = read_chip(
                 self.src,
                 self.windows[index],
                 bands=self.bands,
@@ -506,6 +608,10 @@ class RasterTiler:
             raise RasterFileError(
                 f"{self.path}: cannot read chip {index} ({self.windows[index]}): {e}"
             ) from e
+        inside = self.aoi_mask(chip.window)
+        if inside is not None:
+            chip.valid &= inside
+        return chip
 
     def __iter__(self) -> Iterator[Chip]:
         for i in range(len(self)):
