@@ -10,7 +10,8 @@ build a training set from a raster corpus, each step writing one file the next s
 
 ``geodino fit --config recipes/<stage>.yaml`` pretrains through LightningCLI (every YAML key maps onto
 a constructor argument of :class:`~geodino.train.DINOv3Module`, :class:`~geodino.train.PretrainDataModule`
-or ``lightning.Trainer``).
+or ``lightning.Trainer``); ``geodino distill --config recipes/distill_tiny.yaml`` trains with
+:class:`~geodino.train.DistillationModule` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geodino", description="DINOv3 satellite foundation models: GeoTIFF to maps."
     )
-    parser.epilog = "geodino fit --config RECIPE.yaml: pretraining through LightningCLI (see recipes/)"
+    parser.epilog = "geodino fit|distill --config RECIPE.yaml: pretraining, distillation (see recipes/)"
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -376,24 +378,32 @@ def run_chips(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Subcommands handled by LightningCLI rather than argparse.
-LIGHTNING_COMMANDS = ("fit", "validate")
+#: Commands handled by LightningCLI: geodino command -> (Lightning subcommand, module in ``geodino.train``).
+LIGHTNING_COMMANDS = {
+    "fit": ("fit", "DINOv3Module"),
+    "validate": ("validate", "DINOv3Module"),
+    "distill": ("fit", "DistillationModule"),
+}
 
 
 def run_lightning(argv: Sequence[str]) -> int:
-    """``geodino fit|validate --config recipe.yaml ...`` through LightningCLI."""
+    """``geodino fit|validate|distill --config recipe.yaml ...`` through LightningCLI."""
     from lightning.pytorch.cli import LightningCLI
 
-    from geodino.train import DINOv3Module, PretrainDataModule
+    from geodino import train
 
-    LightningCLI(
-        DINOv3Module,
-        PretrainDataModule,
-        args=list(argv),
-        # The chip sampler shards itself over ranks; Lightning's DistributedSampler would shard it again.
-        trainer_defaults={"use_distributed_sampler": False},
-        save_config_kwargs={"overwrite": True},
-    )
+    subcommand, module = LIGHTNING_COMMANDS[argv[0]]
+    with warnings.catch_warnings():
+        # The arguments always come through `args` (``distill`` becomes ``fit``); this warning is about that.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        LightningCLI(
+            getattr(train, module),
+            train.PretrainDataModule,
+            args=[subcommand, *argv[1:]],
+            # The chip sampler shards itself over ranks; Lightning's DistributedSampler would shard it again.
+            trainer_defaults={"use_distributed_sampler": False},
+            save_config_kwargs={"overwrite": True},
+        )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The tiny recipes chain through `geodino fit`: pretrain -> Gram -> high-res, each exporting a teacher."""
+"""The tiny recipes chain through the CLI: pretrain -> Gram -> high-res -> distillation, each exporting."""
 
 from __future__ import annotations
 
@@ -40,3 +40,14 @@ def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
     vit = build_backbone("dinov3_vits16.lvd1689m", depth=2, embed_dim=64, num_heads=2)
     vit.load_state_dict(read_state_dict(exported))
     torch.testing.assert_close(vit.state_dict()["norm.weight"], state["backbone.norm.weight"])
+    # distillation of that teacher into two smaller students, each exported in the same layout
+    assert main(["distill", "--config", str(RECIPES / "distill_tiny.yaml"), *quick]) == 0
+    students = {
+        "vit_d1_e32": {"depth": 1, "embed_dim": 32, "num_heads": 2},
+        "vit_d2_e48": {"depth": 2, "embed_dim": 48, "num_heads": 3},
+    }
+    for name, dims in students.items():
+        student = build_backbone("dinov3_vits16.lvd1689m", **dims)
+        student.load_state_dict(
+            read_state_dict(tmp_path / "runs" / "distill_tiny" / f"{name}_teacher_checkpoint.pth")
+        )

@@ -9,6 +9,7 @@ from geodino.data.curation import (
     embed_chips,
     hierarchical_kmeans,
 )
+from geodino.data.loader import ChipBatch, ChipLoader, WorkerBatchSampler, collate_chips, column_bands
 from geodino.data.sampler import RandomChipSampler
 from geodino.data.synthetic import (
     BAND_NAMES,
@@ -44,6 +45,8 @@ __all__ = [
     "CLASS_COLORS",
     "ChangePair",
     "Chip",
+    "ChipBatch",
+    "ChipLoader",
     "ChipRef",
     "ChipStore",
     "ChipStoreDataset",
@@ -58,7 +61,10 @@ __all__ = [
     "ReadSettings",
     "SceneInfo",
     "ValidMap",
+    "WorkerBatchSampler",
     "balanced_sample",
+    "collate_chips",
+    "column_bands",
     "coverage_count",
     "curate",
     "embed_chips",

@@ -231,8 +231,13 @@ class RandomChipSampler(Sampler[ChipRef]):
         return self.num_samples // self.world_size
 
     def __len__(self) -> int:
-        """Chips the next iteration yields: :attr:`per_rank`, less the chips skipped after a resume."""
-        return self.per_rank - self._resume
+        """Chips in this rank's epoch: :attr:`per_rank`, also right after a resume.
+
+        A resumed iteration yields only the ``per_rank - consumed`` chips that remain, but the length stays
+        the epoch's: Lightning restores its batch counter and counts it against the loader's length, so a
+        shorter length would end the resumed epoch early.
+        """
+        return self.per_rank
 
     def __iter__(self) -> Iterator[ChipRef]:
         used = self.per_rank * self.world_size  # the global sequence less num_samples % world_size

@@ -464,6 +464,8 @@ class RasterTiler:
         aoi_crs: CRS of ``aoi`` (anything ``CRS.from_user_input`` takes); the raster's CRS by default.
 
     Attributes:
+        nodata: The nodata value in use: ``nodata`` if given, else the file's (None when it has none).
+        nodata_override: The ``nodata`` argument as given (None: the file's nodata and masks apply).
         region: The window of the raster the grid covers (the whole raster without an AOI), pixels.
         windows: Grid windows in raster pixels (row-major), see :func:`grid_windows`.
         owned: Owned part of each window, see :func:`owned_windows`.
@@ -501,7 +503,7 @@ class RasterTiler:
             self.crs: CRS = src.crs
             self.transform: Affine = src.transform
             self.nodata = src.nodata if nodata is None else nodata
-            self._nodata_override = nodata
+            self.nodata_override = nodata
             self.bands = list(range(1, src.count + 1)) if bands is None else [int(b) for b in bands]
             bad = [b for b in self.bands if not 1 <= b <= src.count]
             if bad or not self.bands:
@@ -601,7 +603,7 @@ class RasterTiler:
                 self.windows[index],
                 bands=self.bands,
                 fill=self.fill,
-                nodata=self._nodata_override,
+                nodata=self.nodata_override,
                 owned=self.owned[index],
             )
         except RasterioIOError as e:

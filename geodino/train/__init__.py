@@ -3,6 +3,7 @@
 from geodino.train.augment import MultiCropAugmentation, collate_multicrop
 from geodino.train.callbacks import ExportTeacher
 from geodino.train.data import PretrainDataModule
+from geodino.train.distill import DEFAULT_DISTILLATION_SCHEDULES, DistillationModule
 from geodino.train.heads import DINOHead
 from geodino.train.losses import (
     DINOLoss,
@@ -19,10 +20,12 @@ from geodino.train.param_groups import layer_id, param_groups
 from geodino.train.schedules import Schedule
 
 __all__ = [
+    "DEFAULT_DISTILLATION_SCHEDULES",
     "DINOHead",
     "DINOLoss",
     "DINOLossTerms",
     "DINOv3Module",
+    "DistillationModule",
     "ExportTeacher",
     "GramLoss",
     "KoLeoLoss",

@@ -13,6 +13,9 @@ __all__ = ["ExportTeacher"]
 class ExportTeacher(L.Callback):
     """Writes the EMA teacher as an official ``teacher_checkpoint.pth`` when training ends (rank 0 only).
 
+    With :class:`~geodino.train.distill.DistillationModule` it writes one file per student,
+    ``<name>_teacher_checkpoint.pth`` beside ``path``.
+
     The file is what :func:`geodino.models.load_backbone` reads and what the next stage's ``init_from`` /
     ``gram_from`` take (see :meth:`~geodino.train.module.DINOv3Module.export_teacher`); it is written
     atomically, so a killed run never leaves a truncated export.
@@ -27,5 +30,6 @@ class ExportTeacher(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.path or Path(trainer.default_root_dir) / "teacher_checkpoint.pth"
         if trainer.is_global_zero:
-            pl_module.export_teacher(path)
-            print(f"teacher exported to {path}")
+            written = pl_module.export_teacher(path)
+            for file in written if isinstance(written, list) else [written]:
+                print(f"teacher exported to {file}")

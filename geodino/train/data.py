@@ -209,10 +209,14 @@ class PretrainDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The sampler's position: chips consumed by finished batches of the current epoch (per rank)."""
+        """The sampler's position: chips consumed by the batches processed so far this epoch (per rank).
+
+        ``processed`` rather than ``completed``: Lightning saves a mid-epoch checkpoint after the step but
+        before it marks the batch completed, and resumes after the processed batch.
+        """
         if self.sampler is None or self.trainer is None:
             return {}
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"sampler": self.sampler.state_dict(consumed=batches * self.hparams.batch_size)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

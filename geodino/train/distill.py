@@ -1,0 +1,547 @@
+"""Distillation of a frozen DINOv3 teacher into several students in one run (``MultiDistillationMetaArch``).
+
+The official multi-student distillation (``dinov3/train/multidist_meta_arch.py``, config
+``dinov3_vitl16_lvd1689m_distilled.yaml``; ``shared/notes/dinov3-official.md`` §3.9) trains each student with
+the SSL losses of pretraining against a **frozen** pretrained teacher instead of an EMA of itself. Per step:
+
+1. the teacher (eval mode, no gradient) sees the two unmasked global crops once: DINO head on the CLS tokens
+   and iBOT head on the patch tokens at the iBOT mask positions, both centred by Sinkhorn-Knopp at the
+   scheduled teacher temperature;
+2. every student sees ``[global crops, local crops]`` in one list forward. With distillation the global crops
+   are **not masked** (official ``masks=[None, None]``), yet iBOT still compares the student's patch tokens
+   at the masked positions with the teacher's there;
+3. each student's loss is ``dino_loss_weight`` · DINO (local term 16/18, global term 2/18 with the same-view
+   pairs removed, for 2 global and 8 local crops) + ``koleo_loss_weight`` · 2 · KoLeo (student global CLS)
+   + ``ibot_loss_weight`` · iBOT; the total is the sum over students (their parameters are disjoint, so
+   each student's gradient is that of its own loss);
+4. per student and sub-module gradient clipping, one AdamW step over all students, then every student's
+   EMA copy is updated; the EMA copies are what gets exported (official ``model_ema``).
+
+Difference from the official multi-student run: there the GPUs are split into sub-groups, one per student
+(``multidistillation.students[].ranks_range``); the teacher runs once on all ranks and its outputs are
+broadcast to every sub-group, so each student sees the whole global batch spread over its own ranks. Here
+every rank trains every student on its own batch shard (plain DDP): each student still sees the whole global
+batch per step and the Sinkhorn-Knopp targets are normalised over the whole global batch (all-reduced over the
+default group), but each GPU holds all students and runs them one after the other, and all students share
+the per-GPU batch size. KoLeo (per GPU, as officially) therefore sees this rank's images, where an official
+student rank sees the global batch divided by its sub-group size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from geodino.io import atomic_output
+from geodino.train.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, sinkhorn_knopp
+from geodino.train.module import N_GLOBAL_CROPS, _build_networks, _load_strict, _read_teacher_file
+from geodino.train.param_groups import param_groups
+from geodino.train.schedules import Schedule
+
+__all__ = ["DEFAULT_DISTILLATION_SCHEDULES", "DistillationModule"]
+
+#: Schedules used when the matching argument is None: the official distillation recipe
+#: (``dinov3_vitl16_lvd1689m_distilled.yaml``: 20 epochs × 1250 steps) in optimisation steps. LR: half-cosine
+#: from 0 up to 5e-5 × 4·sqrt(1920 / 1024) (official ``sqrt_wrt_1024`` rule at the official global batch of
+#: 1920) over 10 epochs, then constant; EMA momentum: half-cosine 0.994 → 1.0 over the whole run. A
+#: :class:`~geodino.train.schedules.Schedule` with ``cosine=n - 1`` equals the official
+#: ``cos(linspace(0, π, n))`` of n steps exactly (its last step takes the end value), hence 12499 and 24999;
+#: set ``cosine`` to your run length minus one.
+DEFAULT_DISTILLATION_SCHEDULES: Mapping[str, Schedule] = MappingProxyType(
+    {
+        "lr": Schedule(peak=0.0, end=5e-5 * 4 * math.sqrt(1920 / 1024), cosine=12_499),
+        "weight_decay": Schedule(peak=0.04),
+        "momentum": Schedule(peak=0.994, end=1.0, cosine=24_999),
+        "teacher_temp": Schedule(peak=0.07),
+    }
+)
+
+#: Head keys of a student specification (after ``<head>_head_``) and the matching ``DINOHead`` argument.
+_HEAD_SIZES = (
+    ("n_prototypes", "out_dim"),
+    ("hidden_dim", "hidden_dim"),
+    ("bottleneck_dim", "bottleneck_dim"),
+    ("nlayers", "nlayers"),
+)
+_STUDENT_KEYS = frozenset(
+    {"name", "backbone", "backbone_overrides", "drop_path_rate"}
+    | {f"{head}_head_{key}" for head in ("dino", "ibot") for key, _ in _HEAD_SIZES}
+)
+_STUDENT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class DistillationModule(L.LightningModule):
+    """DINO + iBOT + KoLeo distillation of a frozen teacher into one or more students, each with an EMA copy.
+
+    The batch is the output of :func:`~geodino.train.augment.collate_multicrop` (as for
+    :class:`~geodino.train.module.DINOv3Module`): ``collated_global_crops`` [2B, C, H, W] and
+    ``collated_local_crops`` [N·B, C, h, w] crop-major, and ``collated_masks`` bool [2B, P]; the masks
+    only select the patches that iBOT compares.
+
+    Sub-modules: ``teacher`` = ``ModuleDict(backbone, dino_head, ibot_head)`` loaded strictly from
+    ``teacher_from``, ``requires_grad False`` and always in eval mode; ``students`` and ``students_ema`` =
+    ``ModuleDict({name: ModuleDict(backbone, dino_head, ibot_head)})``, the EMA copies frozen and in eval
+    mode. Every network uses the official key names, so ``students_ema[name].state_dict()`` is an official
+    teacher checkpoint (:meth:`export_students`). The frozen teacher is left out of Lightning checkpoints
+    (it is read from ``teacher_from`` at construction and put back before the checkpoint is loaded
+    strictly): a 7B teacher would otherwise add ~27 GB to every checkpoint.
+
+    Each entry of ``students`` is a plain dict (one YAML mapping) with the keys
+
+    * ``name`` (required): letters, digits, ``_`` or ``-``; names the exported file
+      ``<name>_teacher_checkpoint.pth`` and the logged metrics ``train/<name>/...``;
+    * ``backbone`` (required): ViT preset name, e.g. ``dinov3_vits16.lvd1689m``; its patch size must be the
+      teacher's (official assert);
+    * ``backbone_overrides``: constructor keywords replacing the preset's (e.g. ``{"depth": 6}``);
+    * ``drop_path_rate``: sample-drop rate of the student (0.0, the official distillation value);
+    * ``dino_head_n_prototypes``, ``dino_head_hidden_dim``, ``dino_head_bottleneck_dim``,
+      ``dino_head_nlayers`` and the same four ``ibot_head_*`` keys: the student's own heads; each size
+      defaults to the teacher's, and the prototype counts must equal the teacher's (the losses compare
+      distributions over the same prototypes; official assert).
+
+    Defaults follow the official distillation recipe: :data:`DEFAULT_DISTILLATION_SCHEDULES`, no last-layer
+    freeze, layer decay 0.99, patch-embed LR × 0.2, betas (0.9, 0.999), clip 3, loss weights 1 / 0.1 / 1. The
+    teacher head defaults are those of :class:`~geodino.train.module.DINOv3Module` (65536 / 256 / 2048), so a
+    teacher it trained with default heads loads as is (official 7B teacher: 262144 / 512 / 8192 DINO,
+    98304 / 384 / 4096 iBOT).
+
+    Args:
+        backbone: ViT preset of the teacher, e.g. ``dinov3_vitl16.sat493m``.
+        teacher_from: Teacher file (``{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}``, as written
+            by :meth:`DINOv3Module.export_teacher <geodino.train.module.DINOv3Module.export_teacher>` or the
+            official ``teacher_checkpoint.pth``), read with ``torch.load(weights_only=True)`` and loaded
+            strictly.
+        students: Student specifications (see above); at least one, names unique.
+        backbone_overrides: Constructor keywords replacing the teacher preset's (e.g. ``{"depth": 2}``).
+        dino_head_n_prototypes: Teacher DINO head prototypes K.
+        dino_head_hidden_dim: Teacher DINO head MLP width.
+        dino_head_bottleneck_dim: Teacher DINO head bottleneck.
+        dino_head_nlayers: Teacher DINO head MLP layers.
+        ibot_head_n_prototypes: Teacher iBOT head prototypes.
+        ibot_head_hidden_dim: Teacher iBOT head MLP width.
+        ibot_head_bottleneck_dim: Teacher iBOT head bottleneck.
+        ibot_head_nlayers: Teacher iBOT head MLP layers.
+        dino_loss_weight: Weight of the DINO loss.
+        koleo_loss_weight: Weight of KoLeo; the total adds it × 2 (global crops) × the crop mean (official).
+        ibot_loss_weight: Weight of the iBOT loss.
+        student_temp: Student softmax temperature of DINO and iBOT.
+        lr: Peak-LR schedule, keywords of :class:`~geodino.train.schedules.Schedule` (lengths in steps);
+            None: ``DEFAULT_DISTILLATION_SCHEDULES``. Each parameter group gets ``lr(step) × lr_multiplier``.
+        weight_decay: Weight-decay schedule (× each group's ``wd_multiplier``, 0 for biases/norms/gamma).
+        momentum: EMA momentum schedule m of the students' EMA copies (θ_ema ← m·θ_ema + (1 − m)·θ).
+        teacher_temp: Teacher temperature schedule of both Sinkhorn-Knopp centerings.
+        freeze_last_layer: Steps during which the students' heads' ``last_layer`` gets LR 0.
+        layer_decay: Layer-wise LR decay, applied per student over its own number of blocks.
+        patch_embed_lr_mult: Extra LR factor of the patch embeddings.
+        betas: AdamW betas.
+        clip_grad: Max gradient norm, applied separately to each student's backbone, DINO head and iBOT head;
+            None or 0 = no clipping. Use this, not ``Trainer(gradient_clip_val)``.
+        seed: Base of the per-step RNG seed (see :meth:`training_step`).
+
+    Raises:
+        ValueError: Invalid student specifications (unknown key, missing or repeated name, patch size or
+            prototype count differing from the teacher's, not a ViT preset) or a negative seed.
+        CheckpointError: ``teacher_from`` is missing, unreadable or does not fit the teacher networks.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        teacher_from: str,
+        students: list[dict[str, Any]],
+        backbone_overrides: dict[str, Any] | None = None,
+        dino_head_n_prototypes: int = 65536,
+        dino_head_hidden_dim: int = 2048,
+        dino_head_bottleneck_dim: int = 256,
+        dino_head_nlayers: int = 3,
+        ibot_head_n_prototypes: int = 65536,
+        ibot_head_hidden_dim: int = 2048,
+        ibot_head_bottleneck_dim: int = 256,
+        ibot_head_nlayers: int = 3,
+        dino_loss_weight: float = 1.0,
+        koleo_loss_weight: float = 0.1,
+        ibot_loss_weight: float = 1.0,
+        student_temp: float = 0.1,
+        lr: dict[str, float] | None = None,
+        weight_decay: dict[str, float] | None = None,
+        momentum: dict[str, float] | None = None,
+        teacher_temp: dict[str, float] | None = None,
+        freeze_last_layer: int = 0,
+        layer_decay: float = 0.99,
+        patch_embed_lr_mult: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        clip_grad: float | None = 3.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.schedules = {
+            name: DEFAULT_DISTILLATION_SCHEDULES[name] if given is None else Schedule(**given)
+            for name, given in (
+                ("lr", lr),
+                ("weight_decay", weight_decay),
+                ("momentum", momentum),
+                ("teacher_temp", teacher_temp),
+            )
+        }
+        teacher_heads = {
+            "dino_head": {
+                "out_dim": dino_head_n_prototypes,
+                "hidden_dim": dino_head_hidden_dim,
+                "bottleneck_dim": dino_head_bottleneck_dim,
+                "nlayers": dino_head_nlayers,
+            },
+            "ibot_head": {
+                "out_dim": ibot_head_n_prototypes,
+                "hidden_dim": ibot_head_hidden_dim,
+                "bottleneck_dim": ibot_head_bottleneck_dim,
+                "nlayers": ibot_head_nlayers,
+            },
+        }
+        self.teacher = _build_networks(
+            backbone, {**(backbone_overrides or {}), "drop_path_rate": 0.0}, teacher_heads
+        )
+        _load_strict(self.teacher, _read_teacher_file(teacher_from), teacher_from)
+        self.teacher.requires_grad_(False)
+
+        self.students = nn.ModuleDict()
+        self.students_ema = nn.ModuleDict()
+        for spec in _check_student_specs(students):
+            heads = _student_heads(spec, teacher_heads)
+            overrides = dict(spec.get("backbone_overrides") or {})
+            student = _build_networks(
+                spec["backbone"], {**overrides, "drop_path_rate": spec.get("drop_path_rate", 0.0)}, heads
+            )
+            if student["backbone"].patch_size != self.teacher["backbone"].patch_size:
+                raise ValueError(
+                    f"student {spec['name']!r} has patch size {student['backbone'].patch_size} but the "
+                    f"teacher {self.teacher['backbone'].patch_size}; the iBOT masks and targets need equal "
+                    "patch grids"
+                )
+            ema = _build_networks(spec["backbone"], {**overrides, "drop_path_rate": 0.0}, heads)
+            ema.load_state_dict(student.state_dict())
+            self.students[spec["name"]] = student
+            self.students_ema[spec["name"]] = ema.requires_grad_(False)
+
+        self.dino_loss = DINOLoss(student_temp=student_temp)
+        self.ibot_patch_loss = iBOTPatchLoss(student_temp=student_temp)
+        self.koleo_loss = KoLeoLoss()
+        self.train()
+
+    # ------------------------------------------------------------------ modes and schedules
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Sets the students' mode; the teacher and the EMA copies always stay in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        self.students_ema.eval()
+        return self
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        """Every scheduled hyper-parameter at optimisation ``step``, plus the heads' last-layer LR."""
+        values = {name: schedule(step) for name, schedule in self.schedules.items()}
+        values["last_layer_lr"] = 0.0 if step < self.hparams.freeze_last_layer else values["lr"]
+        return values
+
+    # ------------------------------------------------------------------ forward passes and losses
+
+    @torch.no_grad()
+    def teacher_targets(
+        self, global_crops: Tensor, masks: Tensor, teacher_temp: float
+    ) -> tuple[Tensor, Tensor]:
+        """Sinkhorn-Knopp targets of the frozen teacher on the unmasked global crops.
+
+        Args:
+            global_crops: [2B, C, H, W], crop-major.
+            masks: iBOT masks, bool [2B, P].
+            teacher_temp: Teacher temperature of both centerings.
+
+        Returns:
+            DINO targets [2, B, K_dino] and iBOT targets at the masked patches [M, K_ibot] (rows in the order
+            of ``masks.flatten().nonzero()``).
+        """
+        out = self.teacher["backbone"].forward_features(global_crops)
+        cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])  # [2B, K]
+        masked_logits = self.teacher["ibot_head"](out["x_norm_patchtokens"][masks])  # [M, K]
+        dino_targets = sinkhorn_knopp(cls_logits, teacher_temp).unflatten(0, (N_GLOBAL_CROPS, -1))
+        return dino_targets, sinkhorn_knopp(masked_logits, teacher_temp)
+
+    def student_losses(
+        self,
+        student: nn.ModuleDict,
+        global_crops: Tensor,
+        local_crops: Tensor,
+        masks: Tensor,
+        dino_targets: Tensor,
+        ibot_targets: Tensor,
+    ) -> dict[str, Tensor]:
+        """One student's forward pass and loss terms (official ``get_student_output`` + ``compute_losses``).
+
+        Args:
+            student: ``ModuleDict(backbone, dino_head, ibot_head)``.
+            global_crops: [2B, C, H, W], crop-major; the student sees them unmasked (official distillation).
+            local_crops: [N·B, C, h, w], crop-major, N ≥ 1.
+            masks: iBOT masks, bool [2B, P]: the patches whose student tokens iBOT compares.
+            dino_targets: Teacher DINO targets [2, B, K_dino].
+            ibot_targets: Teacher iBOT targets at the masked patches [M, K_ibot].
+
+        Returns:
+            ``loss`` (the weighted sum) and the unweighted terms ``dino_local_crops_loss``,
+            ``dino_global_crops_loss``, ``koleo_loss`` (mean over the global crops) and ``ibot_loss``
+            (scalars with gradient).
+        """
+        n_images = global_crops.shape[0] // N_GLOBAL_CROPS
+        student_global, student_local = student["backbone"].forward_features([global_crops, local_crops])
+        global_cls = student_global["x_norm_clstoken"]  # [2B, D]
+        cls_logits = student["dino_head"](torch.cat([global_cls, student_local["x_norm_clstoken"]]))
+        global_logits, local_logits = cls_logits.split([global_cls.shape[0], local_crops.shape[0]])
+        masked_logits = student["ibot_head"](student_global["x_norm_patchtokens"][masks])  # [M, K]
+
+        dino_terms = self.dino_loss(
+            global_logits.unflatten(0, (N_GLOBAL_CROPS, n_images)),
+            local_logits.unflatten(0, (-1, n_images)),
+            dino_targets,
+        )
+        terms = {
+            "dino_local_crops_loss": dino_terms.local_loss,
+            "dino_global_crops_loss": dino_terms.global_loss,
+            "koleo_loss": self.koleo_loss(global_cls.unflatten(0, (N_GLOBAL_CROPS, n_images))),
+            "ibot_loss": self.ibot_patch_loss(masked_logits, ibot_targets, masks),
+        }
+        loss = (
+            self.hparams.dino_loss_weight * dino_terms.total()
+            + self.hparams.koleo_loss_weight * N_GLOBAL_CROPS * terms["koleo_loss"]
+            + self.hparams.ibot_loss_weight * terms["ibot_loss"]
+        )
+        return {"loss": loss, **terms}
+
+    def compute_losses(self, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Teacher forward once, then every student's losses (official ``forward_backward``).
+
+        Args:
+            batch: A :func:`~geodino.train.augment.collate_multicrop` batch (see the class docstring).
+            step: Optimisation step at which the schedules are read.
+
+        Returns:
+            ``loss`` (the sum of the students' weighted totals, with gradient) and, per student, its total
+            ``<name>/loss`` and unweighted terms ``<name>/<term>`` (see :meth:`student_losses`).
+        """
+        global_crops = batch["collated_global_crops"]
+        local_crops = batch["collated_local_crops"]
+        masks = batch["collated_masks"].bool()
+        n_images = global_crops.shape[0] // N_GLOBAL_CROPS
+        if global_crops.shape[0] != N_GLOBAL_CROPS * n_images or local_crops.shape[0] % n_images:
+            raise ValueError(
+                f"expected {N_GLOBAL_CROPS}·B global and N·B local crops, got {global_crops.shape[0]} and "
+                f"{local_crops.shape[0]}"
+            )
+        teacher_temp = self.schedule_values(step)["teacher_temp"]
+        dino_targets, ibot_targets = self.teacher_targets(global_crops, masks, teacher_temp)
+        losses: dict[str, Tensor] = {}
+        for name, student in self.students.items():
+            terms = self.student_losses(student, global_crops, local_crops, masks, dino_targets, ibot_targets)
+            losses.update({f"{name}/{term}": value for term, value in terms.items()})
+        total = torch.stack([losses[f"{name}/loss"] for name in self.students]).sum()
+        return {"loss": total, **losses}
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """One distillation step's forward pass and losses; logs every term and schedule value.
+
+        The global torch RNG (drop-path, RoPE coordinate augmentation of the students) is re-seeded from
+        (``seed``, ``global_step``, ``batch_idx``, ``global_rank``) for the step and restored afterwards, as
+        in :meth:`DINOv3Module.training_step <geodino.train.module.DINOv3Module.training_step>`, so a run
+        resumed from a checkpoint reproduces the uninterrupted run's losses given the same batches.
+
+        Returns:
+            ``{"loss": total, "<name>/<term>": detached term}`` (Lightning back-propagates ``loss``).
+        """
+        step = self.global_step
+        with self._step_rng(step, batch_idx):
+            losses = self.compute_losses(batch, step)
+        n_images = batch["collated_global_crops"].shape[0] // N_GLOBAL_CROPS
+        self.log("train/total_loss", losses["loss"], prog_bar=True, sync_dist=True, batch_size=n_images)
+        terms = {name: value.detach() for name, value in losses.items() if name != "loss"}
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=n_images)
+        values = self.schedule_values(step)
+        self.log_dict({f"train/{k}": v for k, v in values.items()}, batch_size=n_images)
+        return {"loss": losses["loss"], **terms}
+
+    def configure_optimizers(self) -> Optimizer:
+        """One AdamW over the official parameter groups of every student (layer decay over its own blocks)."""
+        groups = []
+        for name, student in self.students.items():
+            groups += param_groups(
+                ((f"students.{name}.{part}", module) for part, module in student.items()),
+                n_blocks=student["backbone"].n_blocks,
+                layer_decay=self.hparams.layer_decay,
+                patch_embed_lr_mult=self.hparams.patch_embed_lr_mult,
+            )
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(self.hparams.betas))
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clips each student's backbone, DINO head and iBOT head separately to ``clip_grad`` (official).
+
+        Logs each norm before clipping as ``train/<name>/<part>_grad_norm``.
+
+        Raises:
+            ValueError: If ``Trainer(gradient_clip_val=...)`` is set (it would clip all students at once).
+        """
+        if gradient_clip_val:
+            raise ValueError(
+                "DistillationModule clips per student sub-module: set DistillationModule(clip_grad=...) "
+                f"instead of Trainer(gradient_clip_val={gradient_clip_val})"
+            )
+        if not self.hparams.clip_grad:
+            return
+        for name, student in self.students.items():
+            for part, module in student.items():
+                norm = nn.utils.clip_grad_norm_(module.parameters(), max_norm=self.hparams.clip_grad)
+                self.log(f"train/{name}/{part}_grad_norm", norm)
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Optimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Sets this step's LR and weight decay, steps, then updates the students' EMA copies."""
+        values = self.schedule_values(self.global_step)
+        for group in optimizer.param_groups:
+            lr = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
+            group["lr"] = lr * group["lr_multiplier"]
+            group["weight_decay"] = values["weight_decay"] * group["wd_multiplier"]
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_ema(values["momentum"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leaves the frozen teacher out of the checkpoint (it is read from ``teacher_from``)."""
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("teacher.")
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Puts the teacher read from ``teacher_from`` into the loaded state, which then loads strictly."""
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    # ------------------------------------------------------------------ EMA and export
+
+    @torch.no_grad()
+    def update_ema(self, momentum: float) -> None:
+        """θ_ema ← m·θ_ema + (1 − m)·θ_student for every student's parameters (buffers are not averaged)."""
+        ema = list(self.students_ema.parameters())
+        students = list(self.students.parameters())
+        torch._foreach_mul_(ema, momentum)
+        torch._foreach_add_(ema, students, alpha=1.0 - momentum)
+
+    def export_students(
+        self, folder: str | os.PathLike, filename: str = "teacher_checkpoint.pth"
+    ) -> dict[str, Path]:
+        """Writes every student's EMA copy as an official teacher checkpoint ``<folder>/<name>_<filename>``.
+
+        Each file holds ``{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}`` (CPU tensors), the
+        layout of the official ``teacher_checkpoint.pth`` and of :meth:`DINOv3Module.export_teacher
+        <geodino.train.module.DINOv3Module.export_teacher>`: :func:`~geodino.models.load_backbone` reads its
+        backbone with the student's preset and overrides, and ``init_from`` of a later stage reads all of
+        it. Files are written atomically (:func:`~geodino.io.atomic_output`). Call it on one process.
+
+        Args:
+            folder: Output folder; created if missing.
+            filename: Name after ``<name>_``.
+
+        Returns:
+            The path written for each student name.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name, ema in self.students_ema.items():
+            path = folder / f"{name}_{filename}"
+            state = {key: value.detach().to("cpu", copy=True) for key, value in ema.state_dict().items()}
+            with atomic_output(path) as tmp:
+                torch.save({"teacher": state}, tmp)
+            paths[name] = path
+        return paths
+
+    def export_teacher(self, path: str | os.PathLike) -> list[Path]:
+        """The :class:`~geodino.train.callbacks.ExportTeacher` hook: :meth:`export_students` beside ``path``.
+
+        ``path`` = ``<folder>/<file>`` writes ``<folder>/<name>_<file>`` for every student, e.g.
+        ``runs/distill/vits_teacher_checkpoint.pth`` for ``runs/distill/teacher_checkpoint.pth``.
+
+        Returns:
+            The paths written, in student order.
+        """
+        path = Path(path)
+        return list(self.export_students(path.parent, path.name).values())
+
+    # ------------------------------------------------------------------ helpers
+
+    @contextlib.contextmanager
+    def _step_rng(self, step: int, batch_idx: int) -> Iterator[None]:
+        """Global torch RNG (CPU, this CUDA device) seeded by (seed, step, batch, rank); restored on exit."""
+        entropy = (self.hparams.seed, step, batch_idx, self.global_rank)
+        step_seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(step_seed)
+            yield
+
+
+def _check_student_specs(students: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validates the student specifications' keys and names; returns them unchanged."""
+    if not students:
+        raise ValueError("students: give at least one student specification")
+    names = []
+    for i, spec in enumerate(students):
+        unknown = sorted(set(spec) - _STUDENT_KEYS)
+        if unknown:
+            raise ValueError(f"students[{i}]: unknown keys {unknown}; allowed: {sorted(_STUDENT_KEYS)}")
+        for key in ("name", "backbone"):
+            if key not in spec:
+                raise ValueError(f"students[{i}]: {key!r} is required")
+        if not _STUDENT_NAME.fullmatch(str(spec["name"])):
+            raise ValueError(f"students[{i}]: name {spec['name']!r} must be letters, digits, '_' or '-'")
+        names.append(spec["name"])
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"students: repeated names {repeated}")
+    return students
+
+
+def _student_heads(
+    spec: Mapping[str, Any], teacher_heads: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """Head sizes of one student (the teacher's by default); its prototype counts must be the teacher's."""
+    heads = {}
+    for head, teacher_sizes in teacher_heads.items():
+        sizes = {arg: spec.get(f"{head}_{key}", teacher_sizes[arg]) for key, arg in _HEAD_SIZES}
+        if sizes["out_dim"] != teacher_sizes["out_dim"]:
+            raise ValueError(
+                f"student {spec['name']!r}: {head}_n_prototypes {sizes['out_dim']} differs from the "
+                f"teacher's {teacher_sizes['out_dim']}; distillation matches distributions over the "
+                "teacher's prototypes, so the counts must be equal"
+            )
+        heads[head] = sizes
+    return heads
