@@ -375,3 +375,62 @@ def test_sinkhorn_all_reduces_and_koleo_stays_per_process(tmp_path: Path) -> Non
     for r, half in enumerate(halves):
         assert ranks[r]["koleo"].item() == pytest.approx(naive_koleo(half.numpy()), rel=1e-5)
     assert ranks[0]["koleo"].item() != pytest.approx(naive_koleo(inputs["koleo"].numpy()), rel=1e-3)
+
+
+def _koleo_group_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        x = torch.load(Path(out_dir) / "koleo.pt", weights_only=True)  # [C, world * B, D]
+        results = {}
+        for group_size in (4, 8):
+            rows = x.chunk(world_size, dim=1)[rank].clone().requires_grad_(True)
+            loss = KoLeoLoss(group_size=group_size)(rows)
+            loss.backward()
+            results[group_size] = (loss.detach(), rows.grad)
+        torch.save(results, Path(out_dir) / f"koleo{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_koleo_groups_search_neighbours_across_processes(tmp_path: Path) -> None:
+    """2 processes x B=4: group 8 = the global batch, group 4 = each process alone (the per-GPU loss)."""
+    x = torch.randn(2, 8, 5)
+    x[:, 5] = x[:, 1] + 0.01 * torch.randn(2, 5)  # sample 1 (rank 0) has its neighbour on rank 1
+    torch.save(x, tmp_path / "koleo.pt")
+    mp.spawn(_koleo_group_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"koleo{r}.pt", weights_only=True) for r in range(2)]
+    for r in range(2):
+        mine = x[:, 4 * r : 4 * r + 4]
+        loss, grad = ranks[r][4]
+        alone = mine.clone().requires_grad_(True)
+        assert loss.item() == pytest.approx(KoLeoLoss()(alone).item(), rel=1e-6)
+        KoLeoLoss()(alone).backward()
+        torch.testing.assert_close(grad, alone.grad)
+        assert loss.item() == pytest.approx(np.mean([naive_koleo(c.numpy()) for c in mine]), rel=1e-5)
+    # group 8: each rank's loss is the mean over its own samples of the whole-batch neighbour terms
+    full = x.clone().requires_grad_(True)
+    per_sample = []
+    for c in range(2):
+        whole = [unit(v.astype(np.float64)) for v in x[c].numpy()]
+        for i in range(8):
+            j = max((j for j in range(8) if j != i), key=lambda j: float(whole[i] @ whole[j]))
+            per_sample.append(
+                (c, i, -math.log(math.sqrt(float(((whole[i] - whole[j] + 1e-8) ** 2).sum())) + 1e-8))
+            )
+    for r in range(2):
+        expected = np.mean([t for c, i, t in per_sample if 4 * r <= i < 4 * r + 4])
+        assert ranks[r][8][0].item() == pytest.approx(expected, rel=1e-5)
+    assert ranks[0][8][0].item() != pytest.approx(ranks[0][4][0].item(), rel=1e-3)  # the near pair counts
+    # gradients: DDP averages the ranks' losses, i.e. the whole-batch mean; all_gather sums the gradient
+    # flowing back to each rank's rows, so each rank's grad is world_size x that of the whole-batch loss
+    KoLeoLoss(group_size=8)(full).backward()
+    for r in range(2):
+        torch.testing.assert_close(ranks[r][8][1], 2 * full.grad[:, 4 * r : 4 * r + 4])
+
+
+def test_koleo_group_size_must_tile_the_batch() -> None:
+    with pytest.raises(ValueError, match="multiple of the per-process batch"):
+        KoLeoLoss(group_size=6)(torch.randn(4, 3))
+    assert KoLeoLoss(group_size=4)(torch.ones(4, 3) + torch.eye(4, 3)).item() == pytest.approx(
+        KoLeoLoss()(torch.ones(4, 3) + torch.eye(4, 3)).item()
+    )
