@@ -70,7 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--bands", nargs="+", help="bands to read: 1-based indexes or band descriptions (default: all)"
     )
-    index.add_argument("--nodata", type=float, help="nodata value overriding the files' (undeclared fills)")
+    index.add_argument(
+        "--nodata",
+        type=float,
+        help="fill value of the rasters that declare no nodata value or mask (e.g. a 0 collar); "
+        "declared nodata values and masks are kept",
+    )
     index.add_argument("--crs", help="read every raster in this CRS (WarpedVRT), e.g. EPSG:32633")
     index.add_argument("--gsd", type=float, help="read at this resolution, CRS units per pixel")
     index.add_argument(
@@ -244,6 +249,19 @@ def _check_output_file(path: Path, suffix: str) -> str | None:
     return None
 
 
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Show each distinct warning ``caught`` once.
+
+    geodino's own (skipped files, fill value hints) become ``geodino: warning: ...`` lines on stderr;
+    others (rasterio, numpy) are shown the usual way.
+    """
+    for w in {(w.category, str(w.message)): w for w in caught}.values():
+        if w.category is UserWarning:
+            print(f"geodino: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def run_index(args: argparse.Namespace) -> int:
     """The ``index`` subcommand."""
     from geodino.data import RasterCorpus, RasterFileError
@@ -254,16 +272,23 @@ def run_index(args: argparse.Namespace) -> int:
     bands = None if args.bands is None else [int(b) if b.isdigit() else b for b in args.bands]
     sources = args.sources[0] if len(args.sources) == 1 else args.sources
     try:
-        corpus = RasterCorpus.from_paths(
-            sources,
-            bands=bands,
-            nodata=args.nodata,
-            crs=args.crs,
-            gsd=args.gsd,
-            on_error="skip" if args.skip_bad else "raise",
-        )
-    except (RasterFileError, FileNotFoundError, ValueError) as err:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            corpus = RasterCorpus.from_paths(
+                sources,
+                bands=bands,
+                nodata=args.nodata,
+                crs=args.crs,
+                gsd=args.gsd,
+                on_error="skip" if args.skip_bad else "raise",
+            )
+    except RasterFileError as err:
+        skip = "" if args.skip_bad else " (--skip-bad indexes the other rasters and lists the bad ones)"
+        return _error(f"{err}{skip}")
+    except (FileNotFoundError, ValueError) as err:
         return _error(str(err))
+    finally:
+        _print_warnings(caught)
     corpus.save(args.out)
     index = corpus.index
     crs_count, valid = index["crs"].nunique(), int(index["valid_pixels"].sum())

@@ -56,6 +56,8 @@ from geodino.data.tiling import (
     RasterFileError,
     _has_valid_pixel,
     _open,
+    _override,
+    _read_error,
     _valid_mask,
     read_chip,
 )
@@ -72,6 +74,8 @@ _SCALING_SAMPLES = 1_000_000
 _RASTER_EDGE_POINTS = 21
 #: Chips are small: a few points per edge keep their reprojected edges accurate.
 _CHIP_EDGE_POINTS = 4
+#: Fill values that :func:`_undeclared_fill` reports besides the dtype's extremes.
+_COMMON_FILLS = (0, -9999)
 #: Key of the corpus settings in the GeoParquet metadata.
 _SETTINGS_KEY = "geodino.corpus"
 _VALID_MAP_COLUMNS = ("valid_map", "valid_map_rows", "valid_map_cols")
@@ -86,7 +90,8 @@ class ReadSettings:
 
     Attributes:
         bands: Band selection (1-based indexes or descriptions), None for all bands.
-        nodata: Nodata override applied to every raster, None for each file's own.
+        nodata: Fill value of the rasters that declare neither a nodata value nor a mask (an undeclared
+            fill value), or None; see :func:`_nodata_override`.
         crs: Target CRS (WKT) of the read grids, None for native grids.
         gsd: Target ``(x, y)`` resolution in target-CRS units per pixel, or None.
         resampling: ``rasterio.enums.Resampling`` name used when reprojecting.
@@ -140,7 +145,8 @@ def _band_indexes(src: rasterio.DatasetReader, path: str, bands: Sequence[Band] 
         index = names.get(band.lower()) if isinstance(band, str) else int(band)
         if index is None or not 1 <= index <= src.count:
             raise RasterFileError(
-                f"{path}: has no band {band!r}; its bands are: {_describe_bands(src.descriptions)}"
+                f"{path}: has no band {band!r}; its bands are: {_describe_bands(src.descriptions)}. Select "
+                "bands every raster has (bands=[...], geodino index --bands) or leave this file out"
             )
         indexes.append(index)
     return indexes
@@ -150,7 +156,8 @@ def _undeclared_fill(data: np.ndarray) -> float | None:
     """The likely fill value of ``data [C, h, w]`` read from a raster that declares no nodata, or None.
 
     Fill collars (rotated scenes, partial tiles) touch the raster's edges: a value equal in every band
-    on at least a quarter of the border pixels, that is 0 or an integer dtype's extreme, is reported.
+    on at least a quarter of the border pixels, that is 0, -9999 or the dtype's extreme (e.g. 65535 in
+    uint16, -32768 in int16), is reported.
     """
     ring = np.concatenate([data[:, 0], data[:, -1], data[:, 1:-1, 0], data[:, 1:-1, -1]], axis=1)
     same = (ring == ring[:1]).all(axis=0)
@@ -158,10 +165,23 @@ def _undeclared_fill(data: np.ndarray) -> float | None:
     if not values.size or counts.max() < ring.shape[1] / 4:
         return None
     value = values[counts.argmax()].item()
-    extremes = {0}
-    if np.issubdtype(data.dtype, np.integer):
-        extremes |= {np.iinfo(data.dtype).min, np.iinfo(data.dtype).max}
-    return value if value in extremes else None
+    limits = np.iinfo(data.dtype) if np.issubdtype(data.dtype, np.integer) else np.finfo(data.dtype)
+    return value if any(value == v for v in (*_COMMON_FILLS, limits.min, limits.max)) else None
+
+
+def _nodata_override(src: rasterio.DatasetReader, bands: Sequence[int], nodata: float | None) -> float | None:
+    """The corpus' ``nodata`` where it applies to ``src``, else None (the file's own nodata and masks).
+
+    It applies to a raster that declares no nodata value and no mask or alpha band for ``bands``, when
+    their dtype can hold it: a corpus may mix files with an undeclared fill value (say 0) with files
+    whose declared nodata (-32768 in int16) or mask must keep working, and uint16 files with a -9999 fill
+    value meant for int16 files.
+    """
+    if nodata is None or src.nodata is not None:
+        return None
+    if not all(MaskFlags.all_valid in src.mask_flag_enums[b - 1] for b in bands):
+        return None
+    return _override(nodata, np.result_type(*[src.dtypes[b - 1] for b in bands]))
 
 
 def _sample_pixels(
@@ -173,17 +193,21 @@ def _sample_pixels(
 ) -> tuple[np.ndarray, float | None]:
     """Valid pixels of a decimated read, and the undeclared fill value.
 
+    Args:
+        nodata: The nodata override that applies to ``src`` (:func:`_nodata_override`), or None.
+
     Returns:
         Up to ``n_samples`` valid pixels ``float64 [C, n]`` of a read at most ``_DECIMATED_SIDE`` pixels on
         the long side (from overviews where present), and the likely fill value (:func:`_undeclared_fill`)
-        when the file declares neither nodata nor a mask, else None.
+        when the file declares neither nodata nor a mask and ``nodata`` does not mask it, else None.
     """
     scale = max(1.0, max(src.height, src.width) / _DECIMATED_SIDE)
     shape = max(1, math.ceil(src.height / scale)), max(1, math.ceil(src.width / scale))
     data = src.read(bands, out_shape=(len(bands), *shape))
     valid = _valid_mask(src, data, bands, out_shape=shape, nodata=nodata)
     unmasked = all(MaskFlags.all_valid in src.mask_flag_enums[b - 1] for b in bands)
-    fill = _undeclared_fill(data) if nodata is None and src.nodata is None and unmasked else None
+    fill = _undeclared_fill(data) if src.nodata is None and unmasked else None
+    fill = None if fill == nodata else fill
     pixels = data[:, valid].astype(np.float64)
     if pixels.shape[1] > n_samples:
         pixels = pixels[:, rng.choice(pixels.shape[1], n_samples, replace=False)]
@@ -199,13 +223,16 @@ def _warped_grid(src: rasterio.DatasetReader, settings: ReadSettings) -> dict[st
     return {"crs": crs, "transform": transform, "width": width, "height": height}
 
 
-def _open_vrt(src: rasterio.DatasetReader, grid: dict[str, Any], settings: ReadSettings) -> WarpedVRT:
+def _open_vrt(
+    src: rasterio.DatasetReader, grid: dict[str, Any], settings: ReadSettings, nodata: float | None
+) -> WarpedVRT:
     """A WarpedVRT of ``src`` on ``grid``.
 
-    Pixels outside the source get the nodata value; with none known, the VRT keeps the source's alpha
-    band or gets one added after the source bands.
+    Pixels outside the source get the nodata value (``nodata``, the override that applies to ``src``, else
+    its own); with none known, the VRT keeps the source's alpha band or gets one added after the source
+    bands.
     """
-    marker = src.nodata if settings.nodata is None else settings.nodata
+    marker = src.nodata if nodata is None else nodata
     has_alpha = any(MaskFlags.alpha in flags for flags in src.mask_flag_enums)
     masking = {"nodata": marker, "src_nodata": marker} if marker is not None else {"add_alpha": not has_alpha}
     return WarpedVRT(src, **grid, resampling=Resampling[settings.resampling], **masking)
@@ -254,19 +281,24 @@ def _index_raster(
             raise RasterFileError(
                 f"{path} has no CRS; assign one with `rio edit-info --crs EPSG:xxxx {path}`"
             )
-        indexes, nodata = _band_indexes(src, path, settings.bands), settings.nodata
+        indexes = _band_indexes(src, path, settings.bands)
+        nodata = _nodata_override(src, indexes, settings.nodata)
         try:
             sample, fill = _sample_pixels(src, indexes, nodata, n_samples, rng)
-            vrt = _open_vrt(src, _warped_grid(src, settings), settings) if settings.warp else None
+            vrt = _open_vrt(src, _warped_grid(src, settings), settings, nodata) if settings.warp else None
             with nullcontext(src) if vrt is None else vrt as handle:
                 alpha = _alpha_band(handle, src.count)
                 valid_map = _read_valid_map(handle, indexes, nodata, valid_map_side, alpha)
                 grid_crs, transform, height, width = handle.crs, handle.transform, handle.height, handle.width
                 gsd_x, gsd_y = handle.res
             if not valid_map.valid.any() and not _has_valid_pixel(src, indexes, nodata):
-                raise RasterFileError(f"{path}: all pixels are nodata / masked; nothing to read")
+                marker = src.nodata if nodata is None else nodata
+                raise RasterFileError(
+                    f"{path}: all pixels are nodata / masked (nodata {marker}); nothing to read. Check its "
+                    "nodata value (nodata=, geodino index --nodata) or leave the file out"
+                )
         except RasterioError as e:
-            raise RasterFileError(f"{path}: cannot read raster (corrupt or truncated?): {e}") from e
+            raise _read_error(path, "raster", e) from e
         row = {
             "raster": path,
             "crs": grid_crs.to_wkt(),
@@ -306,8 +338,8 @@ class RasterCorpus:
         index: ``GeoDataFrame``, one row per raster: ``raster`` (absolute path), ``geometry`` (footprint
             in EPSG:4326), ``crs`` (WKT of the read grid), ``epsg`` (nullable), ``gsd_x`` / ``gsd_y`` (CRS
             units per pixel), ``height`` / ``width`` (read grid, pixels), ``count`` (bands in the file),
-            ``bands`` (selected 1-based indexes), ``dtype``, ``nodata`` (declared or the override; NaN if
-            none), ``band_descriptions``, ``transform`` (read grid, 6 affine coefficients),
+            ``bands`` (selected 1-based indexes), ``dtype``, ``nodata`` (the file's, or the corpus' where it
+            applies; NaN if none), ``band_descriptions``, ``transform`` (read grid, 6 affine coefficients),
             ``valid_fraction``, ``valid_pixels``.
         valid_maps: One coarse :class:`ValidMap` per raster, on its read grid.
         settings: How the rasters are read.
@@ -359,8 +391,10 @@ class RasterCorpus:
                 pattern, or a list of paths.
             bands: Bands to read, as 1-based indexes or band descriptions (case-insensitive); all bands by
                 default, in which case every raster must have the same number of bands.
-            nodata: Value marking invalid pixels in every raster, overriding the files' nodata and masks
-                (for files with an undeclared fill value).
+            nodata: Fill value of the rasters that declare neither a nodata value nor a mask (an undeclared
+                fill value, e.g. a 0 collar): their pixels of this value are invalid. Files with a declared
+                nodata value or mask keep theirs, and files whose dtype cannot hold the value (-9999 in
+                uint16) are read as they are; the index's ``nodata`` column shows what applies to each.
             crs: Target CRS (anything ``CRS.from_user_input`` takes) to read every raster in, through a
                 WarpedVRT; native CRS by default.
             gsd: Target resolution in target-CRS units per pixel (one value or ``(x, y)``); with ``crs``
@@ -419,10 +453,13 @@ class RasterCorpus:
         if not rows:
             raise RasterFileError(f"no readable raster in {sources!r}: all {len(paths)} were skipped")
         if fills:
+            hint = fills[0][1]
             _warn_files(
-                f"{len(fills)} raster(s) declare no nodata but have a border of one value, probably an "
-                f"undeclared fill value that now counts as valid data; pass nodata={fills[0][1]} (the value "
-                "below) to RasterCorpus.from_paths to mask it:",
+                f"{len(fills)} raster(s) declare no nodata value or mask but have a border of one value, "
+                "probably an undeclared fill value that now counts as valid data. Mask it with "
+                f"nodata={hint} (geodino index --nodata {hint}; it applies to every raster without a "
+                f"declared nodata value or mask) or declare it in the file (rio edit-info --nodata {hint} "
+                "FILE):",
                 [(path, f"border value {value}") for path, value in fills],
             )
         index = gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326")
@@ -536,7 +573,9 @@ class RasterCorpus:
         if self.settings.warp:
             grid = {"crs": CRS.from_wkt(row["crs"]), "transform": Affine(*row["transform"])}
             grid |= {"width": int(row["width"]), "height": int(row["height"])}
-            handle = _open_vrt(src, grid, self.settings)
+            handle = _open_vrt(
+                src, grid, self.settings, _nodata_override(src, row["bands"], self.settings.nodata)
+            )
         self._handles[i] = (src, handle)
         if len(self._handles) > self.max_open:
             _close(*self._handles.popitem(last=False)[1])
@@ -568,12 +607,13 @@ class RasterCorpus:
         row = self.index.iloc[i]
         try:
             handle = self.open(i)
-            chip = read_chip(handle, window, bands=row["bands"], nodata=self.settings.nodata)
+            nodata = _nodata_override(self._handles[i][0], row["bands"], self.settings.nodata)
+            chip = read_chip(handle, window, bands=row["bands"], nodata=nodata)
             alpha = _alpha_band(handle, int(row["count"]))
             if alpha is not None:
                 chip.valid &= read_chip(handle, window, bands=[alpha], fill=0).image[0] > 0
         except RasterioError as e:
-            raise RasterFileError(f"{row['raster']}: cannot read chip {window}: {e}") from e
+            raise _read_error(row["raster"], f"chip {window}", e) from e
         chip.path = Path(row["raster"])
         return chip
 

@@ -43,7 +43,16 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 from torch.utils.data import Sampler
 
-from geodino.data.tiling import Chip, ChipRef, RasterFileError, RasterTiler, _open, _valid_mask
+from geodino.data.tiling import (
+    Chip,
+    ChipRef,
+    RasterFileError,
+    RasterTiler,
+    _default_fill,
+    _open,
+    _read_error,
+    _valid_mask,
+)
 
 __all__ = ["ChipBatch", "ChipLoader", "WorkerBatchSampler", "collate_chips", "column_bands"]
 
@@ -300,8 +309,10 @@ class ChipLoader:
         batch_size: Chips per batch (the last batch may be smaller).
         bands: 1-based band indexes to read from every raster; all bands by default (then all rasters
             need the band count of the first chip's raster).
-        fill: Value of pixels outside a raster; defaults to the nodata value, else 0.
-        nodata: Value marking invalid pixels, overriding each file's nodata and masks.
+        fill: Value of pixels outside a raster; defaults to the nodata value (if the dtype can hold it),
+            else 0.
+        nodata: Value marking invalid pixels, overriding each file's nodata and masks where its dtype can hold
+            it (not -9999 in uint16).
         owned: Owned window of each chip, carried into :attr:`ChipBatch.owned`.
         aoi_mask: For chips of one raster clipped to an area of interest: ``bool [h, w]`` True inside the
             AOI for a window (e.g. :meth:`~geodino.data.tiling.RasterTiler.aoi_mask`), ANDed into
@@ -503,9 +514,8 @@ class ChipLoader:
             raise RasterFileError(
                 f"{path} has no CRS; assign one with `rio edit-info --crs EPSG:xxxx {path}`"
             )
-        marker = src.nodata if self.nodata is None else self.nodata
-        fill = self.fill if self.fill is not None else (marker if marker is not None else 0)
         dtype = np.result_type(*[src.dtypes[b - 1] for b in bands])
+        fill = self.fill if self.fill is not None else _default_fill(src, self.nodata, dtype)
         scratch = np.empty((len(bands), self.height, self.width), dtype=dtype)
         opened[index] = raster = _Raster(src, bands, fill, src.transform, src.crs, scratch)
         if len(opened) > MAX_OPEN_PER_THREAD:
@@ -518,7 +528,7 @@ class ChipLoader:
         try:
             _read_into(raster, ref.window, self.nodata, batch.image[slot], batch.valid[slot])
         except RasterioIOError as e:
-            raise RasterFileError(f"{self.rasters[ref.raster]}: cannot read chip {ref.window}: {e}") from e
+            raise _read_error(self.rasters[ref.raster], f"chip {ref.window}", e) from e
         inside = None if self.aoi_mask is None else self.aoi_mask(ref.window)
         if inside is not None:
             batch.valid[slot] &= inside

@@ -29,6 +29,7 @@ import numpy as np
 import rasterio
 import shapely
 from affine import Affine
+from numpy.typing import DTypeLike
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioIOError
@@ -55,6 +56,42 @@ class RasterFileError(ValueError):
 
     The message always names the file.
     """
+
+
+#: What to do about a file GDAL cannot read, appended to the error messages.
+_UNREADABLE_FIX = "re-download or re-export it, or leave it out of the inputs"
+
+
+def _gdal_reason(error: BaseException) -> str:
+    """GDAL's own reason for a failed read: the innermost message of the exception chain.
+
+    rasterio raises "Read failed. See previous exception for details." and chains GDAL's errors (e.g.
+    ``TIFFFillTile:Read error at row ..., got 0 bytes, expected 110160`` for a truncated file) below it.
+    """
+    while (inner := error.__cause__ or error.__context__) is not None:
+        error = inner
+    return str(error).rstrip(".")
+
+
+def _read_error(path: str | os.PathLike[str], what: str, error: BaseException) -> RasterFileError:
+    """The :class:`RasterFileError` for a failed read of ``what`` (e.g. "chip 3") from ``path``."""
+    return RasterFileError(
+        f"{path}: cannot read {what} (corrupt or truncated file?): {_gdal_reason(error)}; {_UNREADABLE_FIX}"
+    )
+
+
+def _fits_dtype(value: float, dtype: DTypeLike) -> bool:
+    """Whether a pixel of ``dtype`` can hold ``value`` exactly.
+
+    E.g. -9999 fits int16 and float32 but not uint8 or uint16; 0.5 fits no integer dtype; NaN fits floats.
+    A nodata override that does not fit a raster's dtype could mark none of its pixels, so it does not
+    apply to that raster (:func:`_override`): its own nodata and masks do.
+    """
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return bool(np.isfinite(value)) and float(value).is_integer() and info.min <= value <= info.max
+    return np.issubdtype(dtype, np.floating)
 
 
 # --------------------------------------------------------------------------------------------- grid
@@ -287,6 +324,18 @@ def _valid_from_image(
     return valid
 
 
+def _override(nodata: float | None, dtype: DTypeLike) -> float | None:
+    """The nodata override ``nodata`` for pixels of ``dtype``: None (no override) where it cannot occur."""
+    return nodata if nodata is not None and _fits_dtype(nodata, dtype) else None
+
+
+def _default_fill(src: rasterio.DatasetReader, nodata: float | None, dtype: DTypeLike) -> float:
+    """Value of pixels outside ``src``: the nodata value in use (override, else the file's) if ``dtype`` can
+    hold it, else 0."""
+    marker = src.nodata if _override(nodata, dtype) is None else nodata
+    return marker if marker is not None and _fits_dtype(marker, dtype) else 0
+
+
 def read_chip(
     src: rasterio.DatasetReader,
     window: Window,
@@ -302,21 +351,22 @@ def read_chip(
         src: An open rasterio dataset.
         window: Window in source pixels; may extend past the raster (boundless read).
         bands: 1-based band indexes to read; all bands by default.
-        fill: Value of pixels outside the raster; defaults to the nodata value, else 0.
+        fill: Value of pixels outside the raster; defaults to the nodata value (if the dtype can hold it),
+            else 0.
         nodata: Value marking invalid pixels, overriding the file's nodata and masks (for an
             undeclared fill value such as the zero collar of some Landsat scenes); the file's by default.
+            A value the bands' dtype cannot hold (-9999 in uint16) does not override anything.
         owned: Owned part of ``window``, stored on the chip for stitching.
 
     Returns:
         The :class:`Chip`.
     """
     bands = list(range(1, src.count + 1)) if bands is None else [int(b) for b in bands]
+    dtype = np.result_type(*[src.dtypes[b - 1] for b in bands])
     if fill is None:
-        marker = src.nodata if nodata is None else nodata
-        fill = marker if marker is not None else 0
+        fill = _default_fill(src, nodata, dtype)
     r0, c0, r1, c1 = _int_bounds(window)
     h, w = r1 - r0, c1 - c0
-    dtype = np.result_type(*[src.dtypes[b - 1] for b in bands])
     image = np.full((len(bands), h, w), fill, dtype=dtype)
     valid = np.zeros((h, w), dtype=bool)
 
@@ -355,7 +405,8 @@ def _open(path: Path) -> rasterio.DatasetReader:
         return rasterio.open(path)
     except RasterioIOError as e:
         raise RasterFileError(
-            f"{path}: cannot read raster (corrupt, truncated or not a GeoTIFF?): {e}"
+            f"{path}: cannot read raster (corrupt, truncated or not a GeoTIFF?): {_gdal_reason(e)}; "
+            f"{_UNREADABLE_FIX}"
         ) from e
 
 
@@ -368,6 +419,7 @@ def _has_valid_pixel(src: rasterio.DatasetReader, bands: Sequence[int], nodata: 
     """
     flags = [src.mask_flag_enums[b - 1] for b in bands]
     floating = any(np.issubdtype(np.dtype(src.dtypes[b - 1]), np.floating) for b in bands)
+    nodata = _override(nodata, np.result_type(*[src.dtypes[b - 1] for b in bands]))
     if nodata is None and all(MaskFlags.all_valid in f for f in flags) and not floating:
         return True
     scale = max(src.height, src.width) / 256
@@ -392,8 +444,11 @@ def _valid_mask(
     out_shape: tuple[int, int] | None = None,
     nodata: float | None = None,
 ) -> np.ndarray:
-    """Valid mask ``[h, w]`` of ``data`` (already read from ``bands`` at ``window`` or ``out_shape``)."""
-    valid = _valid_from_image(src, data, bands, nodata)
+    """Valid mask ``[h, w]`` of ``data`` (already read from ``bands`` at ``window`` or ``out_shape``).
+
+    ``nodata`` overrides the file's nodata and masks where ``data``'s dtype can hold it.
+    """
+    valid = _valid_from_image(src, data, bands, _override(nodata, data.dtype))
     if valid is not None:
         return valid
     # Internal/external mask band or alpha: ask GDAL (dataset_mask semantics: OR of the band masks).
@@ -508,7 +563,8 @@ class RasterTiler:
             bad = [b for b in self.bands if not 1 <= b <= src.count]
             if bad or not self.bands:
                 raise RasterFileError(
-                    f"{self.path}: band indexes {bad or self.bands} out of range 1..{src.count} (1-based)"
+                    f"{self.path}: band indexes {bad or self.bands} out of range 1..{src.count} (1-based); "
+                    "select bands this file has"
                 )
             if src.crs is None:
                 raise RasterFileError(
@@ -519,15 +575,22 @@ class RasterTiler:
                     f"{self.path}: raster of {src.height} x {src.width} pixels is smaller than a chip of "
                     f"{size} x {size} pixels; use pad=True or a smaller size"
                 )
+            dtype = np.result_type(*[src.dtypes[b - 1] for b in self.bands])
+            if nodata is not None and not _fits_dtype(nodata, dtype):
+                raise RasterFileError(
+                    f"{self.path}: nodata={nodata} cannot occur in this {dtype} raster, so it would mask "
+                    "nothing; give the value its fill pixels hold"
+                )
             if check_valid:
                 try:
                     has_valid = _has_valid_pixel(src, self.bands, nodata)
                 except RasterioIOError as e:
-                    raise RasterFileError(
-                        f"{self.path}: cannot read raster (corrupt or truncated?): {e}"
-                    ) from e
+                    raise _read_error(self.path, "raster", e) from e
                 if not has_valid:
-                    raise RasterFileError(f"{self.path}: all pixels are nodata / masked; nothing to tile")
+                    raise RasterFileError(
+                        f"{self.path}: all pixels are nodata / masked; nothing to tile. Check its nodata "
+                        f"value ({self.nodata}) or leave the file out"
+                    )
             self.aoi = None if aoi is None else _aoi_in_raster_crs(self.path, src, aoi, aoi_crs)
             self.region = Window(0, 0, self.width, self.height)
             if self.aoi is not None:
@@ -607,9 +670,7 @@ class RasterTiler:
                 owned=self.owned[index],
             )
         except RasterioIOError as e:
-            raise RasterFileError(
-                f"{self.path}: cannot read chip {index} ({self.windows[index]}): {e}"
-            ) from e
+            raise _read_error(self.path, f"chip {index} ({self.windows[index]})", e) from e
         inside = self.aoi_mask(chip.window)
         if inside is not None:
             chip.valid &= inside
