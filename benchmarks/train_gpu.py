@@ -1,33 +1,79 @@
-"""GPU check of DINOv3 pretraining: ViT-L/16 training throughput, peak memory and MFU in bf16, then a short
-pretrain -> Gram anchoring run through Lightning on a synthetic corpus.
+"""GPU check of DINOv3 pretraining: ViT-L/16 training throughput, peak memory and MFU in bf16 for several
+execution variants (eager, torch.compile, activation checkpointing, fused AdamW), then a short pretrain ->
+Gram anchoring run through Lightning (FSDP, bf16-mixed) on a synthetic corpus.
 
-    python benchmarks/train_gpu.py --out results/         # on a CUDA machine, ~3-4 min
-    python benchmarks/train_gpu.py --tiny --out /tmp/x    # CPU smoke test of every code path
+    python benchmarks/train_gpu.py --out results/                    # one H100 / H200: about 5-6 min
+    python benchmarks/train_gpu.py --out results/ --skip-lightning   # variants only: about 4 min
+    python benchmarks/train_gpu.py --tiny --out /tmp/x               # CPU smoke test of every code path
 
 Part 1 times the full official iteration (teacher forward, student multi-crop forward/backward, per-submodule
-clipping, AdamW, EMA update) of :class:`geodino.train.DINOv3Module` on random crops with real iBOT masks.
-Model FLOPs per step come from ``torch.utils.flop_counter.FlopCounterMode`` on one step (it counts the SDPA
-kernels), and MFU = FLOPs / step time / peak dense bf16 FLOP/s of the GPU (H100/H200 SXM: 989 TFLOP/s).
-Part 2 runs ``Trainer.fit`` (bf16-mixed) for the pretrain and Gram stages with the real data pipeline
-(corpus -> random chips -> multi-crop -> masks, DataLoader workers) and reports losses and step times.
+clipping, AdamW, EMA update) of :class:`geodino.train.DINOv3Module` on random crops with real iBOT masks, once
+per variant, each on a fresh module and a reset ``torch._dynamo``. ``first_step_s`` includes compilation.
+Model FLOPs per image come from ``torch.utils.flop_counter.FlopCounterMode`` on one eager step at ``--batch``
+(it counts the SDPA kernels; recomputation by checkpointing is not model FLOPs), and MFU = FLOPs per image x
+images/s / peak dense bf16 FLOP/s of the GPU (H100/H200 SXM: 989 TFLOP/s). A variant that runs out of memory
+is reported as such and the next one runs.
+Part 2 runs ``Trainer.fit`` (bf16-mixed, ``--stage-strategy``, activation checkpointing in the pretrain
+stage) for the pretrain and Gram stages with the real data pipeline (corpus -> random chips -> multi-crop ->
+masks, DataLoader workers) and reports losses and step times.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from geodino.data import RasterCorpus, make_scene
 from geodino.train import DINOv3Module, ExportTeacher, MaskingGenerator, PretrainDataModule
 from geodino.train.masking import sample_batch_masks
+from geodino.train.module import clip_grad_norm
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+N_LOCAL = 8
+#: Prototypes, hidden and bottleneck width of both heads (official default config) and with ``--tiny``.
+HEAD_KEYS = ("n_prototypes", "hidden_dim", "bottleneck_dim")
+HEADS, TINY_HEADS = (65536, 2048, 256), (256, 128, 64)
+#: Defaults of the sizes and step counts on a GPU and with ``--tiny`` (CPU).
+GPU_DEFAULTS = dict(
+    batch=32, global_size=256, local_size=112, warmup=3, steps=10, stage_batch=32, stage_steps=60
+)
+TINY_DEFAULTS = dict(batch=4, global_size=64, local_size=32, warmup=1, steps=2, stage_batch=4, stage_steps=12)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the same training step."""
+
+    name: str
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fused_adamw: bool = False
+    batch_scale: int = 1  # batch = --batch x batch_scale
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("eager"),
+        Variant("compile", compile=True),
+        Variant("compile_fused", compile=True, fused_adamw=True),
+        Variant("compile_fused_2x", compile=True, fused_adamw=True, batch_scale=2),
+        Variant(
+            "compile_ckpt_4x", compile=True, activation_checkpointing=True, fused_adamw=True, batch_scale=4
+        ),
+    )
+}
 
 
 def peak_flops() -> float | None:
@@ -35,75 +81,144 @@ def peak_flops() -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def random_batch(b: int, global_size: int, local_size: int, n_local: int, device: torch.device) -> dict:
-    grid = global_size // 16
-    masks = sample_batch_masks(
-        2 * b, MaskingGenerator((grid, grid)), __import__("numpy").random.default_rng(0)
-    )
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_batch(b: int, args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random crops of ``b`` images with the official iBOT mask rule (half the global crops masked)."""
+    grid = args.global_size // 16
+    masks = sample_batch_masks(2 * b, MaskingGenerator((grid, grid)), np.random.default_rng(0))
     return {
-        "collated_global_crops": torch.randn(2 * b, 3, global_size, global_size, device=device),
-        "collated_local_crops": torch.randn(n_local * b, 3, local_size, local_size, device=device),
+        "collated_global_crops": torch.randn(2 * b, 3, args.global_size, args.global_size, device=device),
+        "collated_local_crops": torch.randn(N_LOCAL * b, 3, args.local_size, args.local_size, device=device),
         "collated_masks": masks.to(device),
     }
 
 
-def throughput(args: argparse.Namespace, device: torch.device) -> dict:
-    """Part 1: one official iteration, timed."""
-    overrides = {"depth": 2, "embed_dim": 64, "num_heads": 2} if args.tiny else {}
-    heads = 256 if args.tiny else 65536
-    module = DINOv3Module(
-        args.backbone,
-        backbone_overrides=overrides,
-        dino_head_n_prototypes=heads,
-        ibot_head_n_prototypes=heads,
-        lr={"peak": 1e-4},
-        freeze_last_layer=0,
-    ).to(device)
-    optimizer = module.configure_optimizers()
-    for group in optimizer.param_groups:
+def build(args: argparse.Namespace, device: torch.device, variant: Variant) -> DINOv3Module:
+    """The benchmarked module, created on ``device`` (fast initialisation of the large networks on GPU)."""
+    tiny = {"depth": 2, "embed_dim": 64, "num_heads": 2} if args.tiny else {}
+    heads = {
+        f"{head}_head_{key}": value
+        for head in ("dino", "ibot")
+        for key, value in zip(HEAD_KEYS, TINY_HEADS if args.tiny else HEADS, strict=True)
+    }
+    with device:
+        return DINOv3Module(
+            args.backbone,
+            backbone_overrides=tiny,
+            **heads,
+            lr={"peak": 1e-4},
+            freeze_last_layer=0,
+            compile=variant.compile,
+            activation_checkpointing=variant.activation_checkpointing,
+        )
+
+
+def make_step(module: DINOv3Module, batch: dict, device: torch.device, fused: bool) -> Callable[[], Tensor]:
+    """One official iteration as a function returning the loss (no host sync): forward, backward,
+    per-submodule clipping, AdamW, EMA."""
+    groups = module.configure_optimizers().param_groups
+    for group in groups:
         group["lr"] = 1e-4 * group["lr_multiplier"]
         group["weight_decay"] = 0.04 * group["wd_multiplier"]
-    batch = random_batch(args.batch, args.global_size, args.local_size, 8, device)
+    optimizer = torch.optim.AdamW(groups, betas=tuple(module.hparams.betas), fused=fused or None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step() -> float:
+    def step() -> Tensor:
         with autocast:
             loss = module.compute_losses(batch, step=0)["loss"]
         loss.backward()
         for sub in module.student.values():
-            torch.nn.utils.clip_grad_norm_(sub.parameters(), 30.0)
+            clip_grad_norm(sub.parameters(), 30.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         module.update_ema(0.994)
-        return float(loss)
+        return loss.detach()
 
+    return step
+
+
+def flops_per_image(args: argparse.Namespace, device: torch.device) -> float:
+    """Model FLOPs of one training iteration per image: one counted eager step at ``--batch``."""
+    module = build(args, device, VARIANTS["eager"])
+    step = make_step(module, random_batch(args.batch, args, device), device, fused=False)
     with FlopCounterMode(display=False) as counter:
         step()
-    flops = counter.get_total_flops()
+    return counter.get_total_flops() / args.batch
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(variant: Variant, batch_size: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """First step (with compilation), warm-up, then the timed steps of a fresh module."""
+    torch.manual_seed(0)
+    module = build(args, device, variant)
+    step = make_step(module, random_batch(batch_size, args, device), device, variant.fused_adamw)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - start
     for _ in range(args.warmup):
         step()
+    sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    peak = peak_flops()
-    result = {
-        "backbone": args.backbone,
-        "batch_per_gpu": args.batch,
-        "crops": f"2x{args.global_size} + 8x{args.local_size}",
-        "step_s": seconds,
-        "images_per_s": args.batch / seconds,
-        "tflop_per_step": flops / 1e12,
-        "achieved_tflops": flops / seconds / 1e12,
-        "mfu": None if peak is None else flops / seconds / peak,
+    sync(device)
+    measured = {
+        "first_step_s": first,
+        "step_s": (time.perf_counter() - start) / args.steps,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "loss": loss,
-        "params_student_m": sum(p.numel() for p in module.student.parameters()) / 1e6,
+        "loss": float(loss),
+    }
+    if variant.name in args.profile:
+        profile(step, args.out / f"profile_{variant.name}.txt")
+    return measured
+
+
+def profile(step: Callable[[], Tensor], path: Path) -> None:
+    """Writes the operators and kernels of two steps, by self time on the device (or CPU), to ``path``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+
+
+def time_variant(name: str, args: argparse.Namespace, device: torch.device, per_image: float) -> dict:
+    """Part 1 for one variant: throughput, memory and MFU, or the out-of-memory error."""
+    variant = VARIANTS[name]
+    batch_size = args.batch * variant.batch_scale
+    result = {**asdict(variant), "batch_per_gpu": batch_size}
+    del result["name"]
+    torch._dynamo.reset()
+    try:
+        result |= measure(variant, batch_size, args, device)
+    except torch.OutOfMemoryError as err:
+        result["error"] = f"out of memory: {str(err).splitlines()[0]}"
+    release(device)
+    if "error" in result:
+        return result
+    peak = peak_flops()
+    flops = per_image * batch_size
+    result |= {
+        "images_per_s": batch_size / result["step_s"],
+        "tflop_per_step": flops / 1e12,
+        "achieved_tflops": flops / result["step_s"] / 1e12,
+        "mfu": None if peak is None else flops / result["step_s"] / peak,
     }
     return result
 
@@ -137,9 +252,10 @@ def stages(args: argparse.Namespace, out: Path, accelerator: str) -> dict:
         "freeze_last_layer": 10,
         "drop_path_rate": 0.1,
     }
+    strategy = args.stage_strategy if accelerator == "gpu" else "auto"  # Lightning's FSDP needs a GPU
     report = {}
     teacher = out / "pretrain_teacher.pth"
-    for stage, steps in (("pretrain", args.stage_steps), ("gram", args.stage_steps)):
+    for stage in ("pretrain", "gram"):
         gram = stage == "gram"
         module = DINOv3Module(
             **common,
@@ -148,6 +264,7 @@ def stages(args: argparse.Namespace, out: Path, accelerator: str) -> dict:
             gram_loss_weight={"start": 0.0, "peak": 2.0, "warmup": 20} if gram else None,
             gram_update_frequency=50 if gram else None,
             gram_max_updates=3 if gram else None,
+            activation_checkpointing=not gram,
         )
         data = PretrainDataModule(
             str(corpus_path),
@@ -164,8 +281,9 @@ def stages(args: argparse.Namespace, out: Path, accelerator: str) -> dict:
         trainer = L.Trainer(
             accelerator=accelerator,
             devices=1,
+            strategy=strategy,
             precision="bf16-mixed" if accelerator == "gpu" else "32-true",
-            max_steps=steps,
+            max_steps=args.stage_steps,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -174,53 +292,90 @@ def stages(args: argparse.Namespace, out: Path, accelerator: str) -> dict:
         )
         start = time.perf_counter()
         trainer.fit(module, data)
-        dt = [b - a for a, b in zip(timer.times[10:], timer.times[11:], strict=False)]
+        dt = sorted(b - a for a, b in zip(timer.times[10:], timer.times[11:], strict=False))
         report[stage] = {
-            "steps": steps,
+            "steps": args.stage_steps,
+            "strategy": type(trainer.strategy).__name__,
+            "activation_checkpointing": not gram,
             "wall_s": time.perf_counter() - start,
-            "median_step_s": sorted(dt)[len(dt) // 2] if dt else None,
-            "images_per_s": args.stage_batch / sorted(dt)[len(dt) // 2] if dt else None,
+            "median_step_s": dt[len(dt) // 2] if dt else None,
+            "images_per_s": args.stage_batch / dt[len(dt) // 2] if dt else None,
             "loss_first10": sum(timer.losses[:10]) / 10,
             "loss_last10": sum(timer.losses[-10:]) / 10,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "gram_updates": int(module.gram_updates) if gram else None,
         }
+        release(torch.device("cuda" if accelerator == "gpu" else "cpu"))
     return report
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU: a smoke test of the script")
     parser.add_argument("--backbone", default="dinov3_vitl16.sat493m")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--global-size", type=int, default=256)
-    parser.add_argument("--local-size", type=int, default=112)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, help="images per step, variants scale it (32; tiny: 4)")
+    parser.add_argument("--global-size", type=int, help="global crop side (256; tiny: 64)")
+    parser.add_argument("--local-size", type=int, help="local crop side (112; tiny: 32)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="drop the compiled variants")
+    parser.add_argument(
+        "--profile", default="", help="comma-separated variants whose kernels to profile (profile_<name>.txt)"
+    )
+    parser.add_argument("--no-tf32", action="store_true", help="keep float32 matmuls in full precision")
+    parser.add_argument("--warmup", type=int, help="untimed steps after the first, per variant (3; tiny: 1)")
+    parser.add_argument("--steps", type=int, help="timed steps per variant (10; tiny: 2)")
+    parser.add_argument("--skip-lightning", action="store_true", help="skip part 2 (Lightning stages)")
     parser.add_argument("--stage-backbone", default="dinov3_vitb16.lvd1689m")
-    parser.add_argument("--stage-batch", type=int, default=32)
-    parser.add_argument("--stage-steps", type=int, default=100)
+    parser.add_argument("--stage-strategy", default="fsdp", help="Lightning strategy of part 2 (GPU only)")
+    parser.add_argument("--stage-batch", type=int, help="images per step in part 2 (32; tiny: 4)")
+    parser.add_argument("--stage-steps", type=int, help="steps per Lightning stage (60; tiny: 12)")
     parser.add_argument("--workers", type=int, default=12)
-    parser.add_argument("--skip", choices=["throughput", "stages"], default=None)
     args = parser.parse_args()
+    for key, value in (TINY_DEFAULTS if args.tiny else GPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.variants = [v for v in args.variants.split(",") if not (args.no_compile and VARIANTS[v].compile)]
+    args.profile = args.profile.split(",")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    results = {
+    if args.tiny:
+        torch.set_num_threads(1)  # tiny operations: several threads only wait for each other
+    torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+    torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    peak = peak_flops()
+    results: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "peak_bf16_tflops": None if peak is None else peak / 1e12,
+        "tf32": not args.no_tf32,
+        "backbone": args.backbone,
+        "crops": f"2x{args.global_size} + {N_LOCAL}x{args.local_size}",
     }
-    if args.skip != "throughput":
-        results["throughput"] = throughput(args, device)
-        print(json.dumps(results["throughput"], indent=1), flush=True)
-        (args.out / "train_gpu.json").write_text(json.dumps(results, indent=1))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if args.skip != "stages":
+    out_file = args.out / "train_gpu.json"
+    start = time.perf_counter()
+    if args.variants:
+        per_image = flops_per_image(args, device)
+        release(device)
+        results["tflop_per_image"] = per_image / 1e12
+        results["variants"] = {}
+        for name in args.variants:
+            results["variants"][name] = time_variant(name, args, device, per_image)
+            print(name, json.dumps(results["variants"][name]), flush=True)
+            out_file.write_text(json.dumps(results, indent=1))
+    results["variants_wall_s"] = time.perf_counter() - start
+    if not args.skip_lightning:
         results["stages"] = stages(args, args.out, "gpu" if device.type == "cuda" else "cpu")
         print(json.dumps(results["stages"], indent=1), flush=True)
-    (args.out / "train_gpu.json").write_text(json.dumps(results, indent=1))
+    results["wall_s"] = time.perf_counter() - start
+    out_file.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -434,3 +434,22 @@ def test_koleo_group_size_must_tile_the_batch() -> None:
     assert KoLeoLoss(group_size=4)(torch.ones(4, 3) + torch.eye(4, 3)).item() == pytest.approx(
         KoLeoLoss()(torch.ones(4, 3) + torch.eye(4, 3)).item()
     )
+
+
+def test_losses_stay_float32_under_bf16_autocast() -> None:
+    """Mixed-precision training runs the losses inside autocast, which would run their matmuls in bf16."""
+    torch.manual_seed(0)
+    student_global, student_local = torch.randn(2, 16, 4096), torch.randn(4, 16, 4096)
+    teacher = torch.softmax(torch.randn(2, 16, 4096) / 0.05, dim=-1)
+    patches, gram_teacher = torch.randn(4, 49, 32), torch.randn(4, 49, 32)
+    cls = torch.randn(2, 16, 32)
+
+    def losses() -> list[float]:
+        terms = DINOLoss()(student_global, student_local, teacher)
+        return [terms.local_loss.item(), terms.global_loss.item(), GramLoss()(patches, gram_teacher).item(),
+                KoLeoLoss()(cls).item()]  # fmt: skip
+
+    reference = losses()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = losses()
+    assert mixed == pytest.approx(reference, rel=1e-6)

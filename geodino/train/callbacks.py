@@ -11,7 +11,7 @@ __all__ = ["ExportTeacher"]
 
 
 class ExportTeacher(L.Callback):
-    """Writes the EMA teacher as an official ``teacher_checkpoint.pth`` when training ends (rank 0 only).
+    """Writes the EMA teacher as an official ``teacher_checkpoint.pth`` when training ends (rank 0 writes).
 
     With :class:`~geodino.train.distill.DistillationModule` it writes one file per student,
     ``<name>_teacher_checkpoint.pth`` beside ``path``.
@@ -29,7 +29,7 @@ class ExportTeacher(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.path or Path(trainer.default_root_dir) / "teacher_checkpoint.pth"
+        written = pl_module.export_teacher(path)  # every rank: gathering an FSDP teacher is collective
         if trainer.is_global_zero:
-            written = pl_module.export_teacher(path)
             for file in written if isinstance(written, list) else [written]:
                 print(f"teacher exported to {file}")

@@ -46,7 +46,19 @@ from torch.optim import Optimizer
 
 from geodino.io import atomic_output
 from geodino.train.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, sinkhorn_knopp
-from geodino.train.module import N_GLOBAL_CROPS, _build_networks, _load_strict, _read_teacher_file
+from geodino.train.module import (
+    N_GLOBAL_CROPS,
+    _build_networks,
+    _load_strict,
+    _read_teacher_file,
+    checkpoint_blocks,
+    clip_grad_norm,
+    compile_blocks,
+    configure_fsdp,
+    fsdp_inner,
+    grads_sharded,
+    rank0_state_dict,
+)
 from geodino.train.param_groups import param_groups
 from geodino.train.schedules import Schedule
 
@@ -149,6 +161,14 @@ class DistillationModule(L.LightningModule):
         clip_grad: Max gradient norm, applied separately to each student's backbone, DINO head and iBOT head;
             None or 0 = no clipping. Use this, not ``Trainer(gradient_clip_val)``.
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
+        activation_checkpointing: Recompute the students' block activations in the backward pass
+            (:func:`~geodino.train.module.checkpoint_blocks`): less memory, the same gradients.
+        compile: ``torch.compile`` every transformer block of the teacher and the students
+            (:func:`~geodino.train.module.compile_blocks`).
+
+    Strategies, precisions and FSDP sharding work as for :class:`~geodino.train.module.DINOv3Module`
+    (``configure_model``, sharded gradient clipping, gathered export); under FSDP a run cannot resume from
+    a checkpoint, as FSDP loads the state before :meth:`on_load_checkpoint` can put the teacher back.
 
     Raises:
         ValueError: Invalid student specifications (unknown key, missing or repeated name, patch size or
@@ -184,6 +204,8 @@ class DistillationModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         clip_grad: float | None = 3.0,
         seed: int = 0,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -240,6 +262,12 @@ class DistillationModule(L.LightningModule):
         self.dino_loss = DINOLoss(student_temp=student_temp)
         self.ibot_patch_loss = iBOTPatchLoss(student_temp=student_temp)
         self.koleo_loss = KoLeoLoss()
+        if compile:
+            for networks in (self.teacher, *self.students.values()):
+                compile_blocks(networks["backbone"])
+        if activation_checkpointing:
+            for student in self.students.values():
+                checkpoint_blocks(student["backbone"])
         self.train()
 
     # ------------------------------------------------------------------ modes and schedules
@@ -274,7 +302,7 @@ class DistillationModule(L.LightningModule):
             DINO targets [2, B, K_dino] and iBOT targets at the masked patches [M, K_ibot] (rows in the order
             of ``masks.flatten().nonzero()``).
         """
-        out = self.teacher["backbone"].forward_features(global_crops)
+        out = self.teacher["backbone"](global_crops, is_training=True)
         cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])  # [2B, K]
         masked_logits = self.teacher["ibot_head"](out["x_norm_patchtokens"][masks])  # [M, K]
         dino_targets = sinkhorn_knopp(cls_logits, teacher_temp).unflatten(0, (N_GLOBAL_CROPS, -1))
@@ -305,7 +333,7 @@ class DistillationModule(L.LightningModule):
             (scalars with gradient).
         """
         n_images = global_crops.shape[0] // N_GLOBAL_CROPS
-        student_global, student_local = student["backbone"].forward_features([global_crops, local_crops])
+        student_global, student_local = student["backbone"]([global_crops, local_crops], is_training=True)
         global_cls = student_global["x_norm_clstoken"]  # [2B, D]
         cls_logits = student["dino_head"](torch.cat([global_cls, student_local["x_norm_clstoken"]]))
         global_logits, local_logits = cls_logits.split([global_cls.shape[0], local_crops.shape[0]])
@@ -382,12 +410,16 @@ class DistillationModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in values.items()}, batch_size=n_images)
         return {"loss": losses["loss"], **terms}
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``FSDPStrategy``, shards by :data:`~geodino.train.module.FSDP_UNITS`."""
+        configure_fsdp(self)
+
     def configure_optimizers(self) -> Optimizer:
         """One AdamW over the official parameter groups of every student (layer decay over its own blocks)."""
         groups = []
         for name, student in self.students.items():
             groups += param_groups(
-                ((f"students.{name}.{part}", module) for part, module in student.items()),
+                ((f"students.{name}.{part}", fsdp_inner(module)) for part, module in student.items()),
                 n_blocks=student["backbone"].n_blocks,
                 layer_decay=self.hparams.layer_decay,
                 patch_embed_lr_mult=self.hparams.patch_embed_lr_mult,
@@ -414,9 +446,10 @@ class DistillationModule(L.LightningModule):
             )
         if not self.hparams.clip_grad:
             return
+        sharded = grads_sharded(self)
         for name, student in self.students.items():
             for part, module in student.items():
-                norm = nn.utils.clip_grad_norm_(module.parameters(), max_norm=self.hparams.clip_grad)
+                norm = clip_grad_norm(module.parameters(), self.hparams.clip_grad, sharded=sharded)
                 self.log(f"train/{name}/{part}_grad_norm", norm)
 
     def optimizer_step(
@@ -464,24 +497,26 @@ class DistillationModule(L.LightningModule):
         layout of the official ``teacher_checkpoint.pth`` and of :meth:`DINOv3Module.export_teacher
         <geodino.train.module.DINOv3Module.export_teacher>`: :func:`~geodino.models.load_backbone` reads its
         backbone with the student's preset and overrides, and ``init_from`` of a later stage reads all of
-        it. Files are written atomically (:func:`~geodino.io.atomic_output`). Call it on one process.
+        it. Files are written atomically (:func:`~geodino.io.atomic_output`), by global rank 0 only. Without
+        FSDP, calling it on rank 0 alone is enough; under FSDP the EMA copies are gathered with collectives,
+        so every rank must call it.
 
         Args:
             folder: Output folder; created if missing.
             filename: Name after ``<name>_``.
 
         Returns:
-            The path written for each student name.
+            The path written for each student name (on rank 0).
         """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, ema in self.students_ema.items():
-            path = folder / f"{name}_{filename}"
-            state = {key: value.detach().to("cpu", copy=True) for key, value in ema.state_dict().items()}
-            with atomic_output(path) as tmp:
-                torch.save({"teacher": state}, tmp)
-            paths[name] = path
+            paths[name] = folder / f"{name}_{filename}"
+            state = rank0_state_dict(ema)
+            if state is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                with atomic_output(paths[name]) as tmp:
+                    torch.save({"teacher": state}, tmp)
         return paths
 
     def export_teacher(self, path: str | os.PathLike) -> list[Path]:

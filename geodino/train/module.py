@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -35,10 +35,21 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import (
+    FullStateDictConfig,
+    FullyShardedDataParallel,
+    MixedPrecision,
+    ShardingStrategy,
+    StateDictType,
+)
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.optim import Optimizer
 
 from geodino.models import CheckpointError, DinoVisionTransformer, build_backbone
+from geodino.models.block import SelfAttentionBlock
 from geodino.models.checkpoint import describe_mismatch, read_state_dict
 from geodino.train.heads import DINOHead
 from geodino.train.losses import (
@@ -52,7 +63,7 @@ from geodino.train.losses import (
 from geodino.train.param_groups import param_groups
 from geodino.train.schedules import Schedule
 
-__all__ = ["DEFAULT_SCHEDULES", "DINOv3Module"]
+__all__ = ["DEFAULT_SCHEDULES", "FSDP_UNITS", "DINOv3Module"]
 
 #: Global crops per image (fixed in the official ``SSLMetaArch``).
 N_GLOBAL_CROPS = 2
@@ -74,6 +85,15 @@ DEFAULT_SCHEDULES: Mapping[str, Schedule] = MappingProxyType(
 
 #: Entries of official teacher checkpoints that are not networks (the unused momentum centres).
 _LOSS_BUFFERS = ("dino_loss.", "ibot_patch_loss.")
+
+#: FSDP units set by :meth:`DINOv3Module.configure_model` under Lightning's ``FSDPStrategy``: every
+#: transformer block, every backbone (its embeddings and final norms) and every head. Student and teacher
+#: networks are then split into identical units, so their local shards line up element for element and the
+#: EMA update runs on the shards without gathering anything.
+FSDP_UNITS = (SelfAttentionBlock, DinoVisionTransformer, DINOHead)
+
+#: FSDP sharding strategies supported: each parameter lives on exactly one rank (or on all of them).
+_FSDP_SHARDINGS = (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP, ShardingStrategy.NO_SHARD)
 
 
 class DINOv3Module(L.LightningModule):
@@ -143,6 +163,17 @@ class DINOv3Module(L.LightningModule):
             ``teacher_checkpoint.pth``); loaded strictly into student and teacher (official
             ``student.resume_from_teacher_chkpt``).
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
+        activation_checkpointing: Recompute the student's block activations in the backward pass instead of
+            keeping them (:func:`checkpoint_blocks`): less memory for about a third more compute, the same
+            gradients (drop-path draws are replayed).
+        compile: ``torch.compile`` every transformer block of the student, teacher and Gram teacher
+            (:func:`compile_blocks`, per block as the official training); compiled on the first step.
+
+    Scaling: one process per GPU with Lightning's ``ddp`` or ``fsdp`` strategy (``Trainer(strategy=...)``),
+    any precision (``bf16-mixed`` is the recipe's); ``num_nodes`` and the process ranks come from Lightning's
+    cluster environments (``torchrun``, SLURM). Under ``fsdp``, :meth:`configure_model` shards the networks
+    in :data:`FSDP_UNITS`, gradient clipping reduces the norms over the shards and :meth:`export_teacher`
+    gathers the teacher. Neither option changes parameter names in checkpoints or exports.
 
     Note:
         ``init_from`` and ``gram_from`` are read at construction and stored as hyper-parameters, so
@@ -185,6 +216,8 @@ class DINOv3Module(L.LightningModule):
         gram_max_updates: int | None = None,
         init_from: str | None = None,
         seed: int = 0,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -241,6 +274,12 @@ class DINOv3Module(L.LightningModule):
                 _load_strict(gram_backbone, state, gram_from)
             self.gram_teacher = nn.ModuleDict({"backbone": gram_backbone}).requires_grad_(False)
             self.register_buffer("gram_updates", torch.zeros((), dtype=torch.long))
+        if compile:
+            for networks in (self.student, self.teacher, self.gram_teacher):
+                if networks is not None:
+                    compile_blocks(networks["backbone"])
+        if activation_checkpointing:
+            checkpoint_blocks(self.student["backbone"])
         self.train()
 
     # ------------------------------------------------------------------ modes and schedules
@@ -276,7 +315,7 @@ class DINOv3Module(L.LightningModule):
             DINO targets [2, B, K_dino] and iBOT targets at the masked patches [M, K_ibot] (rows in the order
             of ``masks.flatten().nonzero()``).
         """
-        out = self.teacher["backbone"].forward_features(global_crops)
+        out = self.teacher["backbone"](global_crops, is_training=True)
         cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])  # [2B, K]
         masked_logits = self.teacher["ibot_head"](out["x_norm_patchtokens"][masks])  # [M, K]
         dino_targets = sinkhorn_knopp(cls_logits, teacher_temp).unflatten(0, (N_GLOBAL_CROPS, -1))
@@ -296,7 +335,7 @@ class DINOv3Module(L.LightningModule):
         """
         patch_size = self.gram_teacher["backbone"].patch_size
         grid = (gram_crops.shape[-2] // patch_size, gram_crops.shape[-1] // patch_size)
-        patches = self.gram_teacher["backbone"].forward_features(gram_crops)["x_norm_patchtokens"]
+        patches = self.gram_teacher["backbone"](gram_crops, is_training=True)["x_norm_patchtokens"]
         return patches if grid == student_grid else resize_patch_features(patches, grid, student_grid)
 
     def compute_losses(self, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
@@ -323,8 +362,8 @@ class DINOv3Module(L.LightningModule):
         schedules = self.schedule_values(step)
         dino_targets, ibot_targets = self.teacher_targets(global_crops, masks, schedules["teacher_temp"])
 
-        student_global, student_local = self.student["backbone"].forward_features(
-            [global_crops, local_crops], masks=[masks, None]
+        student_global, student_local = self.student["backbone"](
+            [global_crops, local_crops], masks=[masks, None], is_training=True
         )
         global_cls = student_global["x_norm_clstoken"]  # [2B, D]
         cls_logits = self.student["dino_head"](torch.cat([global_cls, student_local["x_norm_clstoken"]]))
@@ -389,10 +428,14 @@ class DINOv3Module(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in values.items()}, batch_size=n_images)
         return {"loss": losses["loss"], **terms}
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``FSDPStrategy``, shards by :data:`FSDP_UNITS` (see :func:`configure_fsdp`)."""
+        configure_fsdp(self)
+
     def configure_optimizers(self) -> Optimizer:
         """AdamW over the official parameter groups of the student (LR and WD are set at every step)."""
         groups = param_groups(
-            self.student.items(),
+            ((name, fsdp_inner(module)) for name, module in self.student.items()),
             n_blocks=self.student["backbone"].n_blocks,
             layer_decay=self.hparams.layer_decay,
             patch_embed_lr_mult=self.hparams.patch_embed_lr_mult,
@@ -421,8 +464,9 @@ class DINOv3Module(L.LightningModule):
             )
         if not self.hparams.clip_grad:
             return
+        sharded = grads_sharded(self)
         for name, module in self.student.items():
-            norm = nn.utils.clip_grad_norm_(module.parameters(), max_norm=self.hparams.clip_grad)
+            norm = clip_grad_norm(module.parameters(), self.hparams.clip_grad, sharded=sharded)
             self.log(f"train/{name}_grad_norm", norm)
 
     def optimizer_step(
@@ -488,17 +532,21 @@ class DINOv3Module(L.LightningModule):
         ...}}`` (CPU tensors, the parameters' dtype), the layout of the official ``teacher_checkpoint.pth``:
         :func:`~geodino.models.load_backbone` reads its backbone, and ``init_from`` / ``gram_from`` of the
         next stage read it. It is written to a temporary file in the same folder, synced, then renamed over
-        ``path``, so a crash never leaves a truncated file. Call it on one process.
+        ``path``, so a crash never leaves a truncated file. Only global rank 0 writes. Without FSDP, calling
+        it on rank 0 alone is enough; under FSDP the teacher is gathered with collectives (see
+        :func:`rank0_state_dict`), so every rank must call it.
 
         Args:
             path: Destination file (``.pth``); parent folders are created.
 
         Returns:
-            The path written.
+            The path written (on rank 0).
         """
         path = Path(path)
+        state = rank0_state_dict(self.teacher)
+        if state is None:
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {key: value.detach().to("cpu", copy=True) for key, value in self.teacher.state_dict().items()}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -522,6 +570,110 @@ class DINOv3Module(L.LightningModule):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(step_seed)
             yield
+
+
+def checkpoint_blocks(backbone: DinoVisionTransformer) -> None:
+    """Activation checkpointing of every transformer block of ``backbone``, in place.
+
+    Each block is replaced by torch's ``checkpoint_wrapper`` (non-reentrant ``torch.utils.checkpoint``): its
+    inner activations are dropped after the forward pass and recomputed in the backward pass. The RNG state
+    is saved with the inputs and restored for the recomputation, so drop-path draws the same samples and
+    the gradients are those without checkpointing. State-dict keys are unchanged (the wrapper removes its
+    ``_checkpoint_wrapped_module.`` prefix on save and adds it back on load); parameter names gain it.
+    """
+    for i, block in enumerate(backbone.blocks):
+        backbone.blocks[i] = checkpoint_wrapper(block)
+
+
+def compile_blocks(backbone: DinoVisionTransformer) -> None:
+    """``torch.compile`` every transformer block of ``backbone`` in place (``nn.Module.compile``).
+
+    Per block, as the official training (notes §3.7): the list forward over crop sizes, drop-path and the
+    per-block RoPE tables stay in Python, the block's arithmetic is fused. ``nn.Module.compile`` keeps the
+    module object, so names and state-dict keys gain no ``_orig_mod.`` prefix. Every block shares the same
+    compiled code; compilation happens on the first call of each input signature (student training,
+    teacher inference, Gram crops).
+    """
+    for block in backbone.blocks:
+        block.compile()
+
+
+def configure_fsdp(module: L.LightningModule) -> None:
+    """Makes Lightning's ``FSDPStrategy`` shard ``module`` by :data:`FSDP_UNITS` (no-op for other strategies).
+
+    Sets the strategy's ``auto_wrap_policy`` unless one was given; call it from ``configure_model``, which
+    Lightning runs before wrapping the model. With its own policy, the user must keep every student network
+    and its EMA copy in units of equal structure, or the EMA update will fail on mismatched shards. With
+    ``bf16-mixed`` and no ``mixed_precision`` given, FSDP gathers bf16 parameters but reduces gradients in
+    float32 and leaves buffers alone (official: bf16 parameters, fp32 reduce); Lightning's own setting
+    would reduce in bf16 and cast the RoPE and key-bias mask buffers.
+
+    Raises:
+        ValueError: For hybrid sharding (replicas across nodes), which the sharded gradient clipping of
+            :func:`clip_grad_norm` does not handle.
+    """
+    strategy = module._trainer.strategy if module._trainer is not None else None
+    if not isinstance(strategy, FSDPStrategy):
+        return
+    if strategy.sharding_strategy not in _FSDP_SHARDINGS:
+        raise ValueError(
+            f"FSDP sharding_strategy {strategy.sharding_strategy.name} is not supported; use one of "
+            f"{[s.name for s in _FSDP_SHARDINGS]}"
+        )
+    strategy.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(FSDP_UNITS))
+    if strategy.mixed_precision is None and strategy.precision_plugin.precision == "bf16-mixed":
+        strategy.mixed_precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def grads_sharded(module: L.LightningModule) -> bool:
+    """Whether each rank holds only a shard of every gradient (FSDP sharding over more than one process)."""
+    strategy = module._trainer.strategy if module._trainer is not None else None
+    return (
+        isinstance(strategy, FSDPStrategy)
+        and strategy.world_size > 1
+        and strategy.sharding_strategy != ShardingStrategy.NO_SHARD
+    )
+
+
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float, *, sharded: bool = False) -> Tensor:
+    """Scales the gradients so that their global L2 norm is at most ``max_norm``; returns the norm before.
+
+    Without ``sharded`` this is ``nn.utils.clip_grad_norm_``. With ``sharded`` (FSDP: each rank holds a
+    disjoint shard of every gradient), the squared norms of the local shards are summed over all ranks with
+    one all-reduce, so every rank applies the same factor; every rank must call it.
+    """
+    if not sharded:
+        return nn.utils.clip_grad_norm_(parameters, max_norm=max_norm)
+    params = list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    squared = torch.zeros((), device=params[0].device)
+    if grads:
+        squared = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+    torch.distributed.all_reduce(squared)
+    norm = squared.sqrt()
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+
+
+def rank0_state_dict(module: nn.Module) -> dict[str, Tensor] | None:
+    """CPU copies of ``module``'s full state dict on global rank 0; None on the other ranks.
+
+    Under FSDP (``module`` holds FSDP units) the tensors are gathered from the shards, a collective: every
+    rank must call it. Otherwise only rank 0 copies anything. Keys carry no wrapper prefixes.
+    """
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(module, StateDictType.FULL_STATE_DICT, config):
+            state = module.state_dict()  # empty on ranks other than 0
+    elif rank == 0:
+        state = module.state_dict()
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if rank == 0 else None
+
+
+def fsdp_inner(module: nn.Module) -> nn.Module:
+    """The module an FSDP unit wraps (``module`` itself if it is not one), for unprefixed parameter names."""
+    return module.module if isinstance(module, FullyShardedDataParallel) else module
 
 
 def _build_networks(name: str, overrides: dict[str, Any], heads: dict[str, dict[str, int]]) -> nn.ModuleDict:

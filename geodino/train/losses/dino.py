@@ -72,8 +72,10 @@ class DINOLoss(nn.Module):
         Returns:
             Scalar: the sum of CE over the kept pairs divided by B × (number of kept crop pairs).
         """
-        log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
-        pair_ce = -torch.einsum("sbk,tbk->st", log_probs, teacher_probs.detach().float())  # [S, T]
+        # autocast would run the einsum (a batched matmul) in bf16: ~2 significant digits of the loss
+        with torch.autocast(student_logits.device.type, enabled=False):
+            log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+            pair_ce = -torch.einsum("sbk,tbk->st", log_probs, teacher_probs.detach().float())  # [S, T]
         n_student, n_teacher = pair_ce.shape
         n_pairs = n_student * n_teacher
         if ignore_diagonal:

@@ -77,8 +77,9 @@ class GramLoss(nn.Module):
             )
         student = F.normalize(student_patches.float(), dim=-1)
         teacher = F.normalize(teacher_patches.detach().float(), dim=-1)
-        student_sim = student @ student.transpose(-1, -2)  # [B, P, P]
-        teacher_sim = teacher @ teacher.transpose(-1, -2)
+        with torch.autocast(student.device.type, enabled=False):  # float32 Gram matrices under autocast too
+            student_sim = student @ student.transpose(-1, -2)  # [B, P, P]
+            teacher_sim = teacher @ teacher.transpose(-1, -2)
         if self.remove_neg:
             student_sim = student_sim.clamp(min=0.0)
             teacher_sim = teacher_sim.clamp(min=0.0)

@@ -60,7 +60,7 @@ class KoLeoLoss(nn.Module):
             raise ValueError(f"KoLeo needs at least 2 samples per batch, got shape {tuple(x.shape)}")
         x = F.normalize(x.float(), p=2, dim=-1, eps=self.eps)
         candidates, offset = self._neighbour_group(x)  # [..., G, D]; x[..., i] is candidates[..., offset + i]
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # float32 as the official
             dots = x @ candidates.transpose(-1, -2)  # [..., B, G]
             n = x.shape[-2]
             dots[..., torch.arange(n), offset + torch.arange(n)] = -torch.inf

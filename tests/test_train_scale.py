@@ -1,0 +1,323 @@
+"""Scale options of the training modules: activation checkpointing, ``torch.compile`` and FSDP.
+
+1. Activation checkpointing (``checkpoint_blocks``) gives the gradients of the plain student, drop-path
+   included (its draws are replayed in the recomputation), for pretraining and distillation, and leaves the
+   optimizer's parameter groups as they were.
+2. Neither option changes names where they are stored: Lightning checkpoints, ``export_teacher`` files and
+   ``state_dict()`` keep the plain keys, and a checkpoint of a checkpointed + compiled run loads strictly into
+   a plain module. The compiled step gives the eager step's loss and gradients. To keep the test short,
+   ``nn.Module.compile`` runs with the ``aot_eager`` backend here (dynamo capture and AOT autograd, no C++
+   code generation); ``benchmarks/train_gpu.py --tiny`` runs the default inductor backend.
+3. FSDP (slow): 2 CPU processes (gloo) under Lightning's ``FSDPStrategy`` (sharding the networks by
+   ``FSDP_UNITS``), with activation checkpointing and compiled blocks, and, as the reference, plain under
+   DDP, on the same per-rank batches with Gram anchoring and a Gram refresh, drop-path and clipping that
+   is active at every step. Each FSDP rank holds half of the student; losses, gradient norms (reduced over
+   the shards), the gathered teacher export and the Lightning checkpoint equal DDP's. Lightning refuses
+   FSDP without a GPU, and FSDP needs ``device_id=cpu`` on CPU, so the run uses :class:`CPUFSDPStrategy`,
+   a subclass that only changes the device given to FSDP. The processes run this file as a script
+   (Lightning starts rank 1 by re-running the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.utils.data import DataLoader
+
+from geodino.train.distill import DistillationModule
+from geodino.train.masking import MaskingGenerator, sample_batch_masks
+from geodino.train.module import DINOv3Module
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = "dinov3_vits16.lvd1689m"
+#: Tiny ViT; LayerScale 0.1 so that the blocks matter at initialisation.
+TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2, "layerscale_init": 0.1}
+HEADS = {
+    f"{head}_head_{key}": value
+    for head in ("dino", "ibot")
+    for key, value in (("n_prototypes", 128), ("hidden_dim", 64), ("bottleneck_dim", 32))
+}
+GLOBAL, LOCAL, GRAM, N_LOCAL, BATCH = 32, 16, 64, 2, 4
+WRAPPER = "_checkpoint_wrapped_module."
+NN_MODULE_COMPILE = torch.nn.Module.compile
+
+
+def aot_eager_compile(self: torch.nn.Module, **kwargs: Any) -> None:
+    """``nn.Module.compile`` with the ``aot_eager`` backend (no C++ code generation: fast on CPU)."""
+    NN_MODULE_COMPILE(self, backend="aot_eager", **kwargs)
+
+
+def tiny_module(**kwargs: Any) -> DINOv3Module:
+    """A 2-block DINOv3Module with small heads, drop-path 0.3 and Gram anchoring."""
+    args = {
+        "backbone": PRESET,
+        "backbone_overrides": TINY,
+        "drop_path_rate": 0.3,
+        "lr": {"peak": 1e-3},
+        "momentum": {"peak": 0.9},
+        "teacher_temp": {"peak": 0.04},
+        "freeze_last_layer": 0,
+        "gram": True,
+        **HEADS,
+    }
+    return DINOv3Module(**{**args, **kwargs})
+
+
+def tiny_distiller(teacher_file: Path, **kwargs: Any) -> DistillationModule:
+    """Two students (1 and 2 blocks, drop-path 0.2) of the tiny teacher."""
+    students = [
+        {
+            "name": f"s{depth}",
+            "backbone": PRESET,
+            "drop_path_rate": 0.2,
+            "backbone_overrides": {**TINY, "depth": depth},
+        }
+        for depth in (1, 2)
+    ]
+    return DistillationModule(
+        PRESET, str(teacher_file), students, backbone_overrides=TINY, freeze_last_layer=0, **HEADS, **kwargs
+    )
+
+
+def random_batch(seed: int) -> dict[str, Tensor]:
+    """A multi-crop batch of random crops (with Gram crops) and non-empty iBOT masks."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = sample_batch_masks(
+        2 * BATCH, MaskingGenerator(GLOBAL // 16), np.random.default_rng(seed), mask_sample_probability=1.0
+    )
+    return {
+        "collated_global_crops": torch.randn(2 * BATCH, 3, GLOBAL, GLOBAL, generator=gen),
+        "collated_local_crops": torch.randn(N_LOCAL * BATCH, 3, LOCAL, LOCAL, generator=gen),
+        "collated_gram_crops": torch.randn(2 * BATCH, 3, GRAM, GRAM, generator=gen),
+        "collated_masks": masks,
+    }
+
+
+def loss_and_grads(module: L.LightningModule, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss of one training forward (fixed RNG) and the gradients, by parameter name without the wrapper."""
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    loss = module.compute_losses(batch, step=0)["loss"]
+    loss.backward()
+    grads = {n.replace(WRAPPER, ""): p.grad for n, p in module.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def group_layout(module: L.LightningModule) -> list[tuple]:
+    """The optimizer's parameter groups: multipliers, last-layer flag and names without the wrapper."""
+    return [
+        (
+            g["lr_multiplier"],
+            g["wd_multiplier"],
+            g["is_last_layer"],
+            [n.replace(WRAPPER, "") for n in g["names"]],
+        )
+        for g in module.configure_optimizers().param_groups
+    ]
+
+
+@pytest.fixture
+def teacher_file(tmp_path: Path) -> Path:
+    """A tiny exported teacher for distillation."""
+    return tiny_module(gram=False).export_teacher(tmp_path / "teacher.pth")
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "distill"])
+def test_activation_checkpointing_keeps_gradients(kind: str, teacher_file: Path) -> None:
+    def build(checkpointing: bool) -> L.LightningModule:
+        torch.manual_seed(0)
+        if kind == "pretrain":
+            return tiny_module(activation_checkpointing=checkpointing)
+        return tiny_distiller(teacher_file, activation_checkpointing=checkpointing)
+
+    plain, checkpointed = build(False), build(True)
+    assert any(WRAPPER in name for name, _ in checkpointed.named_parameters())
+    assert group_layout(plain) == group_layout(checkpointed)
+    batch = random_batch(0)
+    loss, grads = loss_and_grads(plain, batch)
+    loss_ckpt, grads_ckpt = loss_and_grads(checkpointed, batch)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    assert grads_ckpt.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-6, atol=1e-8, msg=name)
+    assert plain.state_dict().keys() == checkpointed.state_dict().keys()
+
+
+def test_checkpointing_and_compile_keep_stored_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.nn.Module, "compile", aot_eager_compile)
+    torch._dynamo.reset()
+    batch = random_batch(1)
+    modules, checkpoints = {}, {}
+    for name, options in (("plain", {}), ("scaled", {"activation_checkpointing": True, "compile": True})):
+        torch.manual_seed(0)
+        modules[name] = module = tiny_module(**options)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(num_workers|in eval mode|litlogger).*")
+            trainer.fit(module, DataLoader([batch], batch_size=None))
+        checkpoints[name] = tmp_path / f"{name}.ckpt"
+        trainer.save_checkpoint(checkpoints[name])
+    plain, scaled = modules["plain"], modules["scaled"]
+    assert all(block._compiled_call_impl is not None for block in scaled.teacher["backbone"].blocks)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # student and teacher blocks
+
+    stored = {name: torch.load(path, weights_only=True)["state_dict"] for name, path in checkpoints.items()}
+    assert list(stored["scaled"]) == list(stored["plain"])
+    assert list(scaled.state_dict()) == list(plain.state_dict())
+    exported = {
+        name: torch.load(module.export_teacher(tmp_path / f"{name}.pth"), weights_only=True)["teacher"]
+        for name, module in modules.items()
+    }
+    assert list(exported["scaled"]) == list(exported["plain"])
+    for key, value in exported["plain"].items():  # the same step: the same EMA teacher
+        torch.testing.assert_close(exported["scaled"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+    reloaded = DINOv3Module.load_from_checkpoint(
+        checkpoints["scaled"], activation_checkpointing=False, compile=False
+    )
+    torch.testing.assert_close(reloaded.state_dict(), scaled.state_dict(), rtol=0, atol=0)
+
+    loss, grads = loss_and_grads(plain, batch)
+    loss_scaled, grads_scaled = loss_and_grads(scaled, batch)
+    torch.testing.assert_close(loss_scaled, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_scaled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- FSDP on CPU processes
+
+STEPS, WORLD = 3, 2
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` on CPU processes: FSDP is given ``device_id=cpu``, which it needs there.
+
+    Lightning refuses the registered ``fsdp`` strategy without a GPU (a subclass instance passes its check)
+    and gives FSDP the device index, None on CPU. This copies ``FSDPStrategy._setup_model``'s wrapping with
+    the CPU device; policy, sharding, precision and state-dict handling are Lightning's.
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+
+
+class RecordAndExport(L.Callback):
+    """Per rank, writes ``rank<r>.json``: the loss and backbone gradient norm of every step, and the number of
+    student parameter elements held by the rank; at the end every rank calls ``export_teacher`` (collective
+    under FSDP)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        metrics = trainer.callback_metrics
+        self.steps.append(
+            {"loss": float(outputs["loss"]), "grad_norm": float(metrics["train/backbone_grad_norm"])}
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        held = sum(p.numel() for p in pl_module.student.parameters())
+        record = {"steps": self.steps, "student_elements": held}
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        pl_module.export_teacher(self.folder / "teacher.pth")
+
+
+def distributed_fit(strategy: str, folder: Path) -> None:
+    """One 2-process CPU run (``ddp``, or ``fsdp`` with checkpointing and compilation) of
+    :func:`tiny_module`, checkpointed in ``folder``."""
+    torch.nn.Module.compile = aot_eager_compile
+    folder.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(0)
+    module = tiny_module(
+        clip_grad=1e-3,  # below the gradient norms: clipping acts at every step
+        gram_update_frequency=2,
+        activation_checkpointing=strategy == "fsdp",
+        compile=strategy == "fsdp",
+    )
+    batches = [random_batch(seed) for seed in range(WORLD * STEPS)]  # rank r gets r, r + 2, ...
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=CPUFSDPStrategy() if strategy == "fsdp" else "ddp",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RecordAndExport(folder)],
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    assert int(module.gram_updates) == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= (2 if strategy == "fsdp" else 0)
+    trainer.save_checkpoint(folder / "last.ckpt")
+
+
+def run_distributed(strategy: str, folder: Path) -> None:
+    command = [sys.executable, __file__, strategy, str(folder)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
+    for strategy in ("ddp", "fsdp"):
+        run_distributed(strategy, tmp_path / strategy)
+    records = {
+        s: [json.loads((tmp_path / s / f"rank{r}.json").read_text()) for r in range(WORLD)]
+        for s in ("ddp", "fsdp")
+    }
+    full = records["ddp"][0]["student_elements"]
+    held = [record["student_elements"] for record in records["fsdp"]]
+    assert sum(held) == full and max(held) < full  # sharded: every element on exactly one rank
+    for ddp, fsdp in zip(records["ddp"], records["fsdp"], strict=True):
+        assert len(ddp["steps"]) == len(fsdp["steps"]) == STEPS
+        for want, got in zip(ddp["steps"], fsdp["steps"], strict=True):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    for file, key in (("teacher.pth", "teacher"), ("last.ckpt", "state_dict")):
+        ddp, fsdp = (torch.load(tmp_path / s / file, weights_only=True)[key] for s in ("ddp", "fsdp"))
+        assert list(fsdp) == list(ddp), file
+        for name, value in ddp.items():
+            torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-6, msg=f"{file}: {name}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="one 2-process CPU run of test_fsdp_matches_ddp_on_two_cpu_processes"
+    )
+    parser.add_argument("strategy", choices=["ddp", "fsdp"])
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args()
+    distributed_fit(args.strategy, args.folder)
