@@ -492,3 +492,15 @@ def test_step_randomness_comes_from_seed_step_and_batch(chips) -> None:
     assert losses_of(None, module.training_step(batch, 1)) != first  # another micro-batch of the step
     module.hparams.seed = 1
     assert losses_of(None, module.training_step(batch, 0)) != first
+
+
+def test_koleo_group_size_reaches_the_loss(chips) -> None:
+    """One process, group = its batch: the per-batch KoLeo; a group that does not fit is refused."""
+    batch = make_batches(chips, 1)[0]
+    torch.manual_seed(0)
+    plain = tiny_module().compute_losses(batch, 0)
+    torch.manual_seed(0)
+    grouped = tiny_module(koleo_group_size=BATCH).compute_losses(batch, 0)
+    assert grouped["koleo_loss"].item() == pytest.approx(plain["koleo_loss"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="koleo_group_size"):
+        tiny_module(koleo_group_size=2 * BATCH).compute_losses(batch, 0)

@@ -147,6 +147,9 @@ class DistillationModule(L.LightningModule):
         ibot_head_nlayers: Teacher iBOT head MLP layers.
         dino_loss_weight: Weight of the DINO loss.
         koleo_loss_weight: Weight of KoLeo; the total adds it × 2 (global crops) × the crop mean (official).
+        koleo_group_size: KoLeo neighbours searched in groups of this many samples gathered across
+            processes (official ``koleo_distributed_loss_group_size``, 16 in the high-resolution stage);
+            None: within each process's batch (stages 1-2). See :class:`~geodino.train.losses.KoLeoLoss`.
         ibot_loss_weight: Weight of the iBOT loss.
         student_temp: Student softmax temperature of DINO and iBOT.
         lr: Peak-LR schedule, keywords of :class:`~geodino.train.schedules.Schedule` (lengths in steps);
@@ -192,6 +195,7 @@ class DistillationModule(L.LightningModule):
         ibot_head_nlayers: int = 3,
         dino_loss_weight: float = 1.0,
         koleo_loss_weight: float = 0.1,
+        koleo_group_size: int | None = None,
         ibot_loss_weight: float = 1.0,
         student_temp: float = 0.1,
         lr: dict[str, float] | None = None,
@@ -261,7 +265,7 @@ class DistillationModule(L.LightningModule):
 
         self.dino_loss = DINOLoss(student_temp=student_temp)
         self.ibot_patch_loss = iBOTPatchLoss(student_temp=student_temp)
-        self.koleo_loss = KoLeoLoss()
+        self.koleo_loss = KoLeoLoss(group_size=koleo_group_size)
         if compile:
             for networks in (self.teacher, *self.students.values()):
                 compile_blocks(networks["backbone"])

@@ -131,6 +131,9 @@ class DINOv3Module(L.LightningModule):
         ibot_head_nlayers: iBOT head MLP layers (3).
         dino_loss_weight: Weight of the DINO loss.
         koleo_loss_weight: Weight of KoLeo; the official total adds it × 2 (global crops) × the crop mean.
+        koleo_group_size: KoLeo neighbours searched in groups of this many samples gathered across
+            processes (official ``koleo_distributed_loss_group_size``, 16 in the high-resolution stage);
+            None: within each process's batch (stages 1-2). See :class:`~geodino.train.losses.KoLeoLoss`.
         ibot_loss_weight: Weight of the iBOT loss.
         student_temp: Student softmax temperature of DINO and iBOT.
         lr: Peak-LR schedule, keywords of :class:`~geodino.train.schedules.Schedule` (``start``, ``peak``,
@@ -196,6 +199,7 @@ class DINOv3Module(L.LightningModule):
         ibot_head_nlayers: int = 3,
         dino_loss_weight: float = 1.0,
         koleo_loss_weight: float = 0.1,
+        koleo_group_size: int | None = None,
         ibot_loss_weight: float = 1.0,
         student_temp: float = 0.1,
         lr: dict[str, float] | None = None,
@@ -260,7 +264,7 @@ class DINOv3Module(L.LightningModule):
 
         self.dino_loss = DINOLoss(student_temp=student_temp)
         self.ibot_patch_loss = iBOTPatchLoss(student_temp=student_temp)
-        self.koleo_loss = KoLeoLoss()
+        self.koleo_loss = KoLeoLoss(group_size=koleo_group_size)
         self.gram_teacher: nn.ModuleDict | None = None
         if gram:
             self.gram_loss = GramLoss()
