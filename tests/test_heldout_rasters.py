@@ -100,9 +100,10 @@ def _reflectance(seed: int, bands: int = 3, fill: int = -32768) -> np.ndarray:
 
 
 def _quiet_from_paths(*args: object, **kwargs: object) -> RasterCorpus:
-    """``RasterCorpus.from_paths`` that fails on any warning (no spurious fill hints)."""
+    """``RasterCorpus.from_paths`` failing on any warning (no spurious fill hints) but the mixed-dtype one."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="the scaling percentiles are pooled", category=UserWarning)
         return RasterCorpus.from_paths(*args, progress=False, **kwargs)
 
 
@@ -300,7 +301,7 @@ def test_nodata_the_dtype_cannot_hold(tmp_path: Path) -> None:
     u16 = _write(tmp_path / "u16.tif", collar)
     with pytest.warns(UserWarning, match=r"u16\.tif: border value 0") as record:
         corpus = RasterCorpus.from_paths([rgb, u16], bands=[1], nodata=-9999, progress=False)
-    assert not any("RGB.byte" in str(w.message) for w in record)
+    assert not any("RGB.byte" in str(w.message) for w in record if "border value" in str(w.message))
     assert corpus.index["nodata"][0] == 0 and pd.isna(corpus.index["nodata"][1])
     with rasterio.open(rgb) as src:
         mask = src.read_masks(1) > 0  # its declared nodata 0 still applies
@@ -403,7 +404,8 @@ def test_mixed_corpus_through_the_cli(
         == 0
     )
     assert main(["chips", str(table_path), "--corpus", str(corpus_path), "--out", str(store_path)]) == 0
-    assert "warning" not in capsys.readouterr().err
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert all("pooled over rasters of different dtypes" in line for line in warned)
     corpus, table, store = RasterCorpus.load(corpus_path), gpd.read_parquet(table_path), ChipStore(store_path)
     assert store.dtype == "int32" and len(store) == 48
     assert table["raster"].nunique() == 3
@@ -501,3 +503,15 @@ def test_truncation_past_the_overviews_fails_at_read_time_naming_the_file(
     assert main(["chips", *args, "--out", str(tmp_path / "chips.zarr")]) == 2
     err = capsys.readouterr().err
     assert f"geodino: error: {cog}: cannot read chip" in err and "Traceback" not in err
+
+
+def test_pooled_scaling_over_mixed_dtypes_warns() -> None:
+    """uint8 beside uint16 rasters: one pooled stretch would squash the uint8 ones; the index says so."""
+    rasters = [shared_path("data", "rasters", name) for name in ("RGB.byte.tif", "rgb16.tif")]
+    with pytest.warns(UserWarning, match="different dtypes") as caught:
+        corpus = RasterCorpus.from_paths(rasters, bands=[1, 2, 3])
+    assert all(str(path) in str(caught[-1].message) for path in rasters)
+    assert corpus.scaling[1].max() > 255  # the uint16 raster dominates the pooled high percentile
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RasterCorpus.from_paths(rasters[:1], bands=[1, 2, 3])

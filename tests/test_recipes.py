@@ -26,7 +26,7 @@ def test_recipes_are_valid_yaml_for_the_cli() -> None:
 def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
     rasters = shared_path("data", "rasters")
     monkeypatch.chdir(tmp_path)
-    files = [str(rasters / f) for f in ("RGB.byte.tif", "cogeo.tif", "rgb16.tif", "rgbn.tif")]
+    files = [str(rasters / f) for f in ("RGB.byte.tif", "cogeo.tif", "rgbn.tif")]
     os.makedirs("runs")
     assert main(["index", *files, "--bands", "1", "2", "3", "--out", "runs/corpus.parquet"]) == 0
     quick = ["--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--data.num_workers=0"]

@@ -39,7 +39,7 @@ from geodino.train.data import MultiCropDataset, PretrainDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "pretrain_tiny.yaml"
-RASTERS = ("RGB.byte.tif", "cogeo.tif", "rgb16.tif", "rgbn.tif")
+RASTERS = ("RGB.byte.tif", "cogeo.tif", "rgbn.tif")
 BATCH = 4
 #: Largest difference between a batch image's fingerprint and its chip's, recomputed in this process.
 FINGERPRINT_TOL = 1e-4

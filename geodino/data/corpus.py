@@ -467,6 +467,13 @@ class RasterCorpus:
         index["nodata"] = index["nodata"].astype(np.float64)
         levels = None if scaling is None else np.percentile(np.concatenate(samples, axis=1), scaling, axis=1)
         percentiles = None if scaling is None else (float(scaling[0]), float(scaling[1]))
+        if scaling is not None and index["dtype"].nunique() > 1:
+            _warn_files(
+                "the scaling percentiles are pooled over rasters of different dtypes, so the rasters of the "
+                "narrower range will come out nearly black (e.g. uint8 beside uint16 reflectance); index "
+                "each sensor or dtype as its own corpus, or pass scaling=None:",
+                [(str(p), str(d)) for p, d in zip(index["raster"], index["dtype"], strict=True)],
+            )
         return cls(index, valid_maps, settings, percentiles=percentiles, scaling=levels)
 
     @classmethod
