@@ -50,9 +50,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from results_md import RESULTS, write_section
+
 BATCH = 8
 BLOCK = 512
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 WORKLOADS = ("grid224", "grid512", "random512")
 
 
@@ -383,19 +384,6 @@ def machine_lines(v: dict[str, str], torchgeo_problem: str | None) -> list[str]:
     ]
 
 
-def write_markdown(size: int, lines: list[str]) -> None:
-    """Replace (or append) this raster size's section of RESULTS.md."""
-    begin, end = f"<!-- data_throughput size={size} -->", f"<!-- /data_throughput size={size} -->"
-    section = "\n".join([begin, *lines, end]) + "\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", flags=re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=8192, help="raster side, pixels (default 8192)")
@@ -483,7 +471,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if a.markdown:
-        write_markdown(size, lines)
+        write_section(f"data_throughput size={size}", lines)
         print(f"wrote {RESULTS}", file=sys.stderr)
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -63,6 +62,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from PIL import Image
 from rasterio.transform import from_origin
+from results_md import RESULTS, write_section
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -73,7 +73,6 @@ from geodino.models.checkpoint import read_state_dict
 from geodino.train import DINOv3Module, ExportTeacher, PretrainDataModule
 
 PRESET = "dinov3_vits16.lvd1689m"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SHARED = Path(os.environ.get("GEODINO_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 #: uint8 RGB scenes of ``shared/data/rasters`` (bands 1 2 3 are red, green, blue).
 RGB_RASTERS = ("cogeo.tif", "rgbn.tif", "RGB.byte.tif")
@@ -589,19 +588,6 @@ def teachers(records: dict[str, dict[str, Any]]) -> dict[str, str]:
     return out
 
 
-def write_markdown(lines: list[str]) -> None:
-    """Replace (or append) the learning-signal section of RESULTS.md."""
-    begin, end = "<!-- learning_signal -->", "<!-- /learning_signal -->"
-    section = "\n".join([begin, *lines, end]) + "\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", flags=re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=SHARED / "data", help="shared data folder")
@@ -699,7 +685,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if a.markdown:
-        write_markdown(lines)
+        write_section("learning_signal", lines)
         print(f"wrote {RESULTS}", file=sys.stderr)
 
 

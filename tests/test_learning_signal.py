@@ -23,9 +23,13 @@ def ls():
     spec = importlib.util.spec_from_file_location("learning_signal", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["learning_signal"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["learning_signal"]
+    sys.path.insert(0, str(SCRIPT.parent))  # its sibling results_md, as when run as a script
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+        del sys.modules["learning_signal"]
 
 
 def test_patch_labels_majority_purity_and_order(ls) -> None:
