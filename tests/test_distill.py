@@ -24,6 +24,7 @@ import yaml
 from conftest import shared_path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from rasterio.windows import Window
+from test_train_module import naive_ce, naive_sinkhorn  # the pretraining references, shared
 from torch.utils.data import DataLoader
 
 from geodino.models import CheckpointError, build_backbone
@@ -159,20 +160,6 @@ def make_batches(
 
 
 # ---------------------------------------------------------------- naive references (float64, loops)
-
-
-def naive_sinkhorn(logits: torch.Tensor, temp: float) -> torch.Tensor:
-    q = torch.exp(logits.double() / temp).T  # [K, N]
-    q = q / q.sum()
-    k, n = q.shape
-    for _ in range(3):
-        q = q / q.sum(dim=1, keepdim=True) / k
-        q = q / q.sum(dim=0, keepdim=True) / n
-    return (q * n).T
-
-
-def naive_ce(student_logit: torch.Tensor, teacher_prob: torch.Tensor) -> float:
-    return -float((teacher_prob * torch.log_softmax(student_logit.double() / 0.1, dim=-1)).sum())
 
 
 def naive_koleo(x: torch.Tensor) -> float:
