@@ -1,6 +1,6 @@
-"""`geodino fit` end to end: chips sharded over 2 DDP ranks, and exact resume after ``kill -9``.
+"""`geodino fit` end to end: chips sharded over 2 DDP ranks, on 2 nodes, and exact resume after ``kill -9``.
 
-Both tests run the real CLI (``python -m geodino fit --config recipes/pretrain_tiny.yaml`` with command-line
+All tests run the real CLI (``python -m geodino fit --config recipes/pretrain_tiny.yaml`` with command-line
 overrides) in subprocesses, on a corpus indexed from the shared rasters. To see what each process trains on
 without touching library code, the runs get the callback :class:`RecordSteps` from this module (importable in
 the subprocess through ``PYTHONPATH``): after every training step it appends one JSON line per rank with the
@@ -11,7 +11,11 @@ augmented in this process by the same ``MultiCropDataset``) and so finds which c
 1. DDP (CPU, gloo, 2 processes; Lightning starts the second one by re-running ``python -m geodino``): the run
    completes with finite losses, the two ranks never see the same chip, rank ``r`` trains on the chips
    ``r, r + 2, ...`` of the global sequence in order, and together they cover exactly its prefix.
-2. Resume: run A trains 8 steps uninterrupted; run B (same configuration, ``max_steps=100``, checkpoint every
+2. Multi-node: 2 nodes x 1 process on this host, launched as ``torchrun --nnodes=2 --node-rank=i`` and as
+   SLURM's ``srun --nodes=2 --ntasks-per-node=1`` would (its environment variables), ``num_nodes=2``:
+   Lightning detects the cluster environment, the processes see node ranks 0 and 1, shard the chips as in 1,
+   and rank 0 exports a teacher the backbone loads.
+3. Resume: run A trains 8 steps uninterrupted; run B (same configuration, ``max_steps=100``, checkpoint every
    2 steps) is killed with SIGKILL after its step-4 checkpoint is written, then resumed from ``last.ckpt`` to
    step 8. The epoch has 6 batches, so the resumed run also crosses an epoch boundary. Every step of B, before
    and after the kill, must train on the same chips and give bit-identical losses as A's.
@@ -23,6 +27,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,12 +40,16 @@ import torch
 import yaml
 from conftest import shared_path
 
+from geodino.models import build_backbone
+from geodino.models.checkpoint import read_state_dict
 from geodino.train.data import MultiCropDataset, PretrainDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "pretrain_tiny.yaml"
 RASTERS = ("RGB.byte.tif", "cogeo.tif", "rgbn.tif")
 BATCH = 4
+#: The tiny recipe's backbone overrides.
+TINY = yaml.safe_load(RECIPE.read_text())["model"]["backbone_overrides"]
 #: Largest difference between a batch image's fingerprint and its chip's, recomputed in this process.
 FINGERPRINT_TOL = 1e-4
 
@@ -50,9 +59,10 @@ pytestmark = pytest.mark.slow  # about 1.5 minutes on 2 loaded cores
 class RecordSteps(L.Callback):
     """Appends one JSON line per training step to ``<folder>/rank<global rank>.jsonl``.
 
-    Each line holds ``step`` (the step index, 0-based), ``epoch``, ``batch_idx``, ``loss`` (the total loss)
-    and ``images``: per image of the batch, the per-channel means of its two global crops (``2·C`` floats,
-    crop-major as :func:`fingerprint`). Lines are written as each step ends, so a killed run keeps them.
+    Each line holds ``step`` (the step index, 0-based), ``world_size``, ``node_rank`` and ``local_rank`` as
+    Lightning sees them, ``epoch``, ``batch_idx``, ``loss`` (the total loss) and ``images``: per image of the
+    batch, the per-channel means of its two global crops (``2·C`` floats, crop-major as :func:`fingerprint`).
+    Lines are written as each step ends, so a killed run keeps them.
 
     Args:
         folder: Output folder (created).
@@ -82,6 +92,9 @@ class RecordSteps(L.Callback):
     ) -> None:
         line = {
             **self._start,
+            "world_size": trainer.world_size,
+            "node_rank": trainer.node_rank,
+            "local_rank": trainer.local_rank,
             "epoch": trainer.current_epoch,
             "batch_idx": batch_idx,
             "loss": float(outputs["loss"]),
@@ -180,6 +193,27 @@ def chip_indices(steps: list[dict[str, Any]], expected: torch.Tensor) -> list[in
     return indices
 
 
+def assert_sharded(corpus: Path, probe: Path, steps: int, world: int) -> list[dict[str, Any]]:
+    """Checks the records of a ``world``-process run of ``steps`` steps: every rank trained every step with a
+    finite loss on its own shard of the global chip sequence (rank ``r``: chips ``r, r + world, ...``, in
+    order) and the ranks together covered exactly the sequence's prefix. Returns each rank's first record."""
+    per_rank = steps * BATCH
+    chips_per_epoch = yaml.safe_load(RECIPE.read_text())["data"]["chips_per_epoch"]
+    expected, refs = chip_fingerprints(corpus, chips_per_epoch, world * per_rank)
+    assert len({(r.raster, r.window.col_off, r.window.row_off) for r in refs}) == len(refs)  # distinct chips
+    seen, first = [], []
+    for rank in range(world):
+        records = read_steps(probe / f"rank{rank}.jsonl")
+        assert [r["step"] for r in records] == list(range(steps))
+        assert all(math.isfinite(r["loss"]) for r in records)
+        indices = chip_indices(records, expected)
+        assert indices == list(range(rank, world * per_rank, world)), rank
+        seen += indices
+        first.append(records[0])
+    assert sorted(seen) == list(range(world * per_rank))
+    return first
+
+
 def test_ddp_ranks_train_on_disjoint_shards_of_the_global_sequence(corpus: Path, tmp_path: Path) -> None:
     steps, world = 3, 2
     probe = tmp_path / "probe"
@@ -193,21 +227,81 @@ def test_ddp_ranks_train_on_disjoint_shards_of_the_global_sequence(corpus: Path,
         "--trainer.strategy=ddp",
     )
     run_fit(command)
+    first = assert_sharded(corpus, probe, steps, world)
+    assert [(r["world_size"], r["node_rank"], r["local_rank"]) for r in first] == [(2, 0, 0), (2, 0, 1)]
 
-    per_rank = steps * BATCH
-    chips_per_epoch = yaml.safe_load(RECIPE.read_text())["data"]["chips_per_epoch"]
-    expected, refs = chip_fingerprints(corpus, chips_per_epoch, world * per_rank)
-    assert len({(r.raster, r.window.col_off, r.window.row_off) for r in refs}) == len(refs)  # distinct chips
-    seen = {}
-    for rank in range(world):
-        records = read_steps(probe / f"rank{rank}.jsonl")
-        assert [r["step"] for r in records] == list(range(steps))
-        assert all(math.isfinite(r["loss"]) for r in records)
-        seen[rank] = chip_indices(records, expected)
-        # the sharding rule: rank r trains on chips r, r + world, ... of the global sequence, in order
-        assert seen[rank] == list(range(rank, world * per_rank, world)), rank
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == list(range(world * per_rank))
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_launch(launcher: str, node: int, port: int, fit: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Command and environment of node ``node`` (of 2, one process each) as the cluster launcher starts it.
+
+    ``torchrun``: the real launcher with a static rendezvous on this host (``--node-rank``), which sets the
+    ``torchelastic`` variables Lightning's ``TorchElasticEnvironment`` reads. ``slurm``: the variables that
+    ``srun --nodes=2 --ntasks-per-node=1`` gives each task (``SLURMEnvironment``); no ``srun`` binary needed.
+    """
+    if launcher == "torchrun":
+        rendezvous = ["--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}"]
+        address = ["--master-addr=127.0.0.1", f"--master-port={port}"]
+        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, *address, *fit[1:]], _env()
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "geodino-pretrain",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NODELIST": "127.0.0.1",
+        "SLURM_NODEID": str(node),
+        "SLURM_PROCID": str(node),
+        "SLURM_LOCALID": "0",
+        "MASTER_PORT": str(port),
+    }
+    return fit, {**_env(), **slurm}
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_two_node_run_under_cluster_launchers(corpus: Path, tmp_path: Path, launcher: str) -> None:
+    """2 nodes x 1 process on this host, started as torchrun or SLURM would (Lightning detects the cluster
+    environment; ``--trainer.num_nodes=2``): both nodes join one gloo group and shard the chips like DDP."""
+    steps = 2
+    probe = tmp_path / "probe"
+    fit = fit_command(
+        corpus,
+        tmp_path / "run",
+        probe,
+        f"--trainer.max_steps={steps}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.num_nodes=2",
+        "--trainer.strategy=ddp",
+    )
+    port = free_port()
+    logs = [tmp_path / f"node{node}.log" for node in range(2)]
+    processes = []
+    for node, log_path in enumerate(logs):
+        command, env = node_launch(launcher, node, port, fit)
+        with open(log_path, "w") as log:
+            processes.append(
+                subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
+    try:
+        for process, log_path in zip(processes, logs, strict=True):
+            assert process.wait(timeout=240) == 0, log_path.read_text()[-4000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    first = assert_sharded(corpus, probe, steps, world=2)
+    assert [(r["world_size"], r["node_rank"], r["local_rank"]) for r in first] == [(2, 0, 0), (2, 1, 0)]
+    # the exported teacher (rank 0 writes, after the collective gather) is a backbone load_backbone reads
+    teacher = build_backbone("dinov3_vits16.lvd1689m", **TINY)
+    teacher.load_state_dict(read_state_dict(tmp_path / "run" / "teacher_checkpoint.pth"))
+    assert all(torch.isfinite(p).all() for p in teacher.parameters())
 
 
 def test_killed_run_resumes_exactly(corpus: Path, tmp_path: Path) -> None:
