@@ -5,8 +5,8 @@ Pretraining sees images only, never labels:
 1. a corpus (:meth:`geodino.data.RasterCorpus.from_paths`, bands 1 2 3) of the three LoveDA tiles (1024²,
    0.3 m; PNGs without a CRS, so GeoTIFF copies with a nominal EPSG:3857 grid are written to ``--work``) and
    the uint8 RGB rasters of ``shared/data/rasters`` (``cogeo.tif`` 0.6 m aerial, ``rgbn.tif`` 5 m,
-   ``RGB.byte.tif`` Landsat 7; the uint16 ``rgb16.tif`` is left out because the corpus scaling is pooled over
-   all rasters, so it would squash the uint8 ones);
+   ``RGB.byte.tif`` Landsat 7; the uint16 ``rgb16.tif`` is left out, as in the recorded results, which were
+   measured when the corpus scaling was pooled over all rasters and it would have squashed the uint8 ones);
 2. stage 1: :class:`~geodino.train.DINOv3Module` + :class:`~geodino.train.PretrainDataModule` through a
    ``lightning.Trainer`` from random init (a tiny ViT of the ``dinov3_vits16`` preset), teacher exported by
    :class:`~geodino.train.ExportTeacher`;
@@ -317,13 +317,13 @@ def probe_splits(data: Path, corpus: RasterCorpus) -> dict[str, list[ProbeImage]
       quadrants of every tile, test on the 4th of every tile);
     - ``potsdam halves``: the left and right halves of the Potsdam tile.
 
-    Pixels go through the corpus scaling (pooled 2-98 % percentiles, to [0, 1]) and the preset's mean / std,
-    as the pretraining crops.
+    Pixels go through the corpus scaling (2-98 % percentiles pooled over its uint8 rasters, to [0, 1]) and
+    the preset's mean / std, as the pretraining crops.
     """
     preset = get_preset(PRESET)
 
     def load(folder: Path, name: str) -> tuple[Tensor, np.ndarray]:
-        rgb = corpus.scale(read_rgb_png(folder / "img" / name))
+        rgb = corpus.scale(read_rgb_png(folder / "img" / name), 0)  # raster 0: the uint8 rasters' levels
         labels = np.asarray(Image.open(folder / "ann" / name))
         return normalize(rgb, np.ones(labels.shape, bool), preset), labels
 

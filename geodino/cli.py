@@ -79,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--crs", help="read every raster in this CRS (WarpedVRT), e.g. EPSG:32633")
     index.add_argument("--gsd", type=float, help="read at this resolution, CRS units per pixel")
     index.add_argument(
+        "--scaling-by",
+        choices=["dtype", "raster", "corpus"],
+        default="dtype",
+        help="rasters that share their 2-98 %% scaling percentiles: those of one dtype (mixed sensors), each "
+        "raster its own (one sensor, very different illumination; loses absolute radiometry between "
+        "scenes) or the whole corpus (one sensor, keeps relative radiometry) (default: %(default)s)",
+    )
+    index.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable rasters with a warning instead of stopping"
     )
 
@@ -280,6 +288,7 @@ def run_index(args: argparse.Namespace) -> int:
                 nodata=args.nodata,
                 crs=args.crs,
                 gsd=args.gsd,
+                scaling_by=args.scaling_by,
                 on_error="skip" if args.skip_bad else "raise",
             )
     except RasterFileError as err:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pickle
 import shutil
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,7 +138,7 @@ def test_undeclared_fill_value() -> None:
     assert corpus.index["valid_fraction"][0] == pytest.approx(1 - zero.mean(), abs=0.005)
     chip = corpus.read(ChipRef(0, Window(0, 700, 200, 100)))
     np.testing.assert_array_equal(chip.valid[:58], ~zero[700:, :200])
-    low = corpus.scaling[0, 0]
+    low = corpus.scaling[0, 0, 0]
     assert low > 7000  # fill excluded from the percentiles (the darkest real pixels are ~7400)
 
 
@@ -205,15 +207,103 @@ def test_int16_reflectance_scaling(tmp_path: Path) -> None:
     path = _write(tmp_path / "refl.tif", data, nodata=-9999)
     corpus = RasterCorpus.from_paths(path, progress=False)
     valid = data[:, 40:].reshape(2, -1)
-    np.testing.assert_allclose(corpus.scaling, np.percentile(valid, [2, 98], axis=1))
-    assert corpus.scaling[0, 1] < 0 < corpus.scaling[1, 1]  # band 2 spans negative values
-    image = corpus.scale(data[:, 40:])
+    np.testing.assert_allclose(corpus.scaling[0], np.percentile(valid, [2, 98], axis=1))
+    assert corpus.scaling[0, 0, 1] < 0 < corpus.scaling[0, 1, 1]  # band 2 spans negative values
+    image = corpus.scale(data[:, 40:], 0)
     assert image.dtype == np.float32 and image.min() == 0.0 and image.max() == 1.0
     assert 0.4 < np.median(image) < 0.6
     frac_zero = (image == 0).mean(axis=(1, 2))
     np.testing.assert_allclose(frac_zero, 0.02, atol=0.002)  # values at or below the 2nd percentile
     order = np.argsort(data[0, 40:].ravel())
     assert (np.diff(image[0].ravel()[order]) >= 0).all()  # monotonic
+
+
+def test_scaling_by_raster(tmp_path: Path) -> None:
+    """Each raster its own levels: the percentiles of its own valid pixels in the decimated read."""
+    rng = np.random.default_rng(4)
+    # 2 x 2 blocks: the decimated read (1024 -> 512 px) holds each block's value whichever pixel it picks.
+    blocks = rng.integers(1, 60000, size=(2, 512, 512), dtype=np.uint16)
+    blocks[:, :64] = 0  # nodata collar
+    bright = _write(tmp_path / "bright.tif", blocks.repeat(2, axis=1).repeat(2, axis=2), nodata=0)
+    rgb = rng.integers(0, 256, size=(2, 200, 300), dtype=np.uint8)
+    dark = rng.normal(300, 100, size=(2, 200, 200)).astype(np.int16)
+    # Valid only on rows and columns 3i + 2, which the 3x decimated read (1536 -> 512 px) never picks.
+    grid = np.zeros((2, 1536, 1536), dtype=np.uint16)
+    grid[:, 2::3, 2::3] = 7
+    paths = [bright, _write(tmp_path / "rgb.tif", rgb), _write(tmp_path / "dark.tif", dark)]
+    paths.append(_write(tmp_path / "grid.tif", grid, nodata=0))
+    corpus = RasterCorpus.from_paths(paths, scaling_by="raster", progress=False)
+
+    pixels = [blocks[:, 64:].reshape(2, -1), rgb.reshape(2, -1), dark.reshape(2, -1)]
+    assert corpus.scaling.shape == (4, 2, 2)
+    for levels, valid in zip(corpus.scaling, pixels, strict=False):
+        np.testing.assert_array_equal(levels, np.percentile(valid, [2, 98], axis=1))
+    # No pixel in the sample: the levels of the whole corpus' sample.
+    np.testing.assert_array_equal(corpus.scaling[3], np.percentile(np.hstack(pixels), [2, 98], axis=1))
+    for i, path in enumerate(paths[:3]):
+        with rasterio.open(path) as src:
+            chip = CorpusDataset(corpus)[ChipRef(i, Window(0, 0, src.width, src.height))]
+        scaled = chip.image[:, chip.valid]
+        assert scaled.min() == 0 and scaled.max() == 1  # the dark scene too: no absolute radiometry
+        assert 0.3 < np.median(scaled) < 0.7
+
+
+@pytest.mark.parametrize("scaling_by", ["dtype", "raster", "corpus"])
+def test_scaling_by_save_load_roundtrip(scaling_by: str, scene: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    u8 = _write(tmp_path / "u8.tif", rng.integers(0, 256, size=(3, 64, 80), dtype=np.uint8))
+    u16 = _write(tmp_path / "u16.tif", rng.integers(1, 9000, size=(3, 50, 60), dtype=np.uint16))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the scaling percentiles are pooled", category=UserWarning)
+        corpus = RasterCorpus.from_paths(
+            [u8, scene, u16], bands=[1, 2, 3], scaling_by=scaling_by, progress=False
+        )
+    levels = corpus.scaling
+    assert levels.shape == (3, 2, 3)
+    assert np.array_equal(levels[0], levels[1]) == (scaling_by == "corpus")  # uint8, uint16
+    assert np.array_equal(levels[1], levels[2]) == (scaling_by != "raster")  # uint16, uint16
+    corpus.save(tmp_path / "corpus.parquet")
+    loaded = RasterCorpus.load(tmp_path / "corpus.parquet")
+    assert (loaded.scaling_by, loaded.percentiles) == (scaling_by, (2.0, 98.0))
+    np.testing.assert_array_equal(loaded.scaling, levels)
+    pd.testing.assert_frame_equal(pd.DataFrame(loaded.index), pd.DataFrame(corpus.index))
+    for i in range(3):
+        ref = ChipRef(i, Window(0, 0, 48, 48))
+        np.testing.assert_array_equal(CorpusDataset(loaded)[ref].image, CorpusDataset(corpus)[ref].image)
+
+    unscaled = RasterCorpus.from_paths(u16, scaling=None, scaling_by=scaling_by, progress=False)
+    unscaled.save(tmp_path / "unscaled.parquet")
+    loaded = RasterCorpus.load(tmp_path / "unscaled.parquet")
+    assert (loaded.scaling, loaded.percentiles, loaded.scaling_by) == (None, None, scaling_by)
+
+
+def test_load_corpus_saved_before_scaling_by(scene: Path, tmp_path: Path) -> None:
+    """Files from before ``scaling_by``: one pooled ``scaling`` [2, C] in the settings, loaded as "corpus"."""
+    u8 = np.random.default_rng(6).integers(0, 256, size=(3, 64, 80), dtype=np.uint8)
+    u8 = _write(tmp_path / "u8.tif", u8)
+    with pytest.warns(UserWarning, match="different dtypes"):
+        corpus = RasterCorpus.from_paths([u8, scene], bands=[1, 2, 3], scaling_by="corpus", progress=False)
+    corpus.save(tmp_path / "corpus.parquet")
+    table = gpd.read_parquet(tmp_path / "corpus.parquet").drop(columns=["scaling_low", "scaling_high"])
+    pooled = corpus.scaling[0].tolist()
+    old = {"read": asdict(corpus.settings), "percentiles": [2.0, 98.0], "scaling": pooled}
+    table.attrs = {"geodino.corpus": json.dumps(old)}
+    table.to_parquet(tmp_path / "old.parquet")
+    loaded = RasterCorpus.load(tmp_path / "old.parquet")
+    assert (loaded.scaling_by, loaded.percentiles, loaded.settings) == (
+        "corpus",
+        (2.0, 98.0),
+        corpus.settings,
+    )
+    np.testing.assert_array_equal(loaded.scaling, [pooled, pooled])
+    pd.testing.assert_frame_equal(pd.DataFrame(loaded.index), pd.DataFrame(corpus.index))
+    ref = ChipRef(0, Window(0, 0, 64, 64))
+    np.testing.assert_array_equal(CorpusDataset(loaded)[ref].image, CorpusDataset(corpus)[ref].image)
+
+    table.attrs = {"geodino.corpus": json.dumps(old | {"percentiles": None, "scaling": None})}
+    table.to_parquet(tmp_path / "old_unscaled.parquet")
+    loaded = RasterCorpus.load(tmp_path / "old_unscaled.parquet")
+    assert (loaded.scaling, loaded.percentiles, loaded.scaling_by) == (None, None, "corpus")
 
 
 def test_band_selection_by_description(scene: Path) -> None:
@@ -223,7 +313,7 @@ def test_band_selection_by_description(scene: Path) -> None:
     with rasterio.open(scene) as src:
         expected = src.read([4, 1, 2], window=Window(30, 40, 64, 64))
     np.testing.assert_array_equal(corpus.read(ChipRef(0, Window(30, 40, 64, 64))).image, expected)
-    assert corpus.scaling.shape == (2, 3)
+    assert corpus.scaling.shape == (1, 2, 3)
     for bad in (["swir"], [5]):
         with pytest.raises(RasterFileError, match=r"scene\.tif: has no band .*1 'red', 2 'green'"):
             RasterCorpus.from_paths(scene, bands=bad, progress=False)
@@ -245,7 +335,11 @@ def test_save_load_roundtrip(scene: Path, tmp_path: Path) -> None:
         assert (a.height, a.width) == (b.height, b.width)
         np.testing.assert_array_equal(a.valid, b.valid)
     np.testing.assert_array_equal(loaded.scaling, corpus.scaling)
-    assert (loaded.settings, loaded.percentiles) == (corpus.settings, corpus.percentiles)
+    assert (loaded.settings, loaded.percentiles, loaded.scaling_by) == (
+        corpus.settings,
+        corpus.percentiles,
+        corpus.scaling_by,
+    )
     refs = [ChipRef(0, Window(-20, 200, 64, 64)), ChipRef(1, Window(10, 10, 32, 32))]
     for ref in refs:
         a, b = loaded.read(ref), corpus.read(ref)
@@ -277,7 +371,7 @@ def test_dataset(scene: Path) -> None:
     chip = by_ref[refs[3]]
     assert chip.image.dtype == np.float32 and chip.image.shape == (4, 64, 64)
     assert chip.image.min() >= 0 and chip.image.max() <= 1 and chip.image.std() > 0.05
-    np.testing.assert_array_equal(chip.image, corpus.scale(corpus.read(refs[3]).image))
+    np.testing.assert_array_equal(chip.image, corpus.scale(corpus.read(refs[3]).image, 0))
     with pytest.raises(TypeError, match="by ChipRef"):
         by_ref[0]
 
@@ -352,6 +446,8 @@ def test_bad_inputs(scene: Path, tmp_path: Path) -> None:
     with pytest.warns(UserWarning), pytest.raises(RasterFileError, match="all 4 were skipped"):
         RasterCorpus.from_paths(list(reasons), on_error="skip", progress=False)
 
+    with pytest.raises(ValueError, match=r"scaling_by must be one of \('dtype', 'raster', 'corpus'\)"):
+        RasterCorpus.from_paths(scene, scaling_by="band", progress=False)
     with pytest.raises(FileNotFoundError, match="no rasters found in"):
         RasterCorpus.from_paths(tmp_path / "nothing", progress=False)
     with pytest.raises(FileNotFoundError, match="no rasters found in"):

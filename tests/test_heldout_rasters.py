@@ -100,7 +100,7 @@ def _reflectance(seed: int, bands: int = 3, fill: int = -32768) -> np.ndarray:
 
 
 def _quiet_from_paths(*args: object, **kwargs: object) -> RasterCorpus:
-    """``RasterCorpus.from_paths`` failing on any warning (no spurious fill hints) but the mixed-dtype one."""
+    """``RasterCorpus.from_paths`` failing on any warning (no spurious fill hints) but the pooled one."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message="the scaling percentiles are pooled", category=UserWarning)
@@ -259,7 +259,7 @@ def test_undeclared_fill_is_hinted_then_masked(undeclared: tuple[Path, np.ndarra
     assert corpus.index["nodata"][0] == fill
     assert corpus.index["valid_fraction"][0] == footprint.mean()
     np.testing.assert_array_equal(corpus.valid_maps[0].valid, footprint)
-    np.testing.assert_array_equal(corpus.scaling, np.percentile(data[:, footprint], [2, 98], axis=1))
+    np.testing.assert_array_equal(corpus.scaling[0], np.percentile(data[:, footprint], [2, 98], axis=1))
     refs = RandomChipSampler(corpus.valid_maps, size=40, num_samples=40, max_nodata=0.0).epoch_refs(0)
     assert all(footprint[w.toslices()].all() for _, w in refs)
     edge = ChipRef(0, Window(-16, H - 40, 64, 64))  # across the collar and past the raster's edge
@@ -359,15 +359,19 @@ def test_mixed_corpus_keeps_each_rasters_nodata(mixed: dict[str, Path], tmp_path
         np.testing.assert_array_equal(chip.valid, _window_mask(footprint, refs[i].window))
     assert (raw[0].image[:, raw[0].valid] < 0).any() and (raw[1].image > 32767).any()
 
-    # One scaling over the corpus, fills excluded: the low end is real reflectance, not -32768.
+    # Scaling per dtype, fills excluded: the low end of the int16 raster is real reflectance, not -32768.
     two = _quiet_from_paths([mixed["s2"], mixed["u16"]], nodata=0)
-    pooled = np.concatenate([s2[:, footprint], bright[:, footprint]], axis=1)
-    np.testing.assert_array_equal(two.scaling, np.percentile(pooled, [2, 98], axis=1))
-    assert (two.scaling[0] < 0).all()
+    np.testing.assert_array_equal(two.scaling[0], np.percentile(s2[:, footprint], [2, 98], axis=1))
+    np.testing.assert_array_equal(two.scaling[1], np.percentile(bright[:, footprint], [2, 98], axis=1))
+    assert (two.scaling[0, 0] < 0).all() and (two.scaling[1, 0] > 30000).all()
     chip = CorpusDataset(two)[ChipRef(0, refs[0].window)]
-    low, high = two.scaling[:, :, None, None]
+    low, high = two.scaling[0, :, :, None, None]
     expected = np.clip((raw[0].image - low) / (high - low), 0, 1)
     np.testing.assert_allclose(chip.image, expected, rtol=0, atol=1e-6)
+    # One scaling over the corpus on request.
+    pooled = np.concatenate([s2[:, footprint], bright[:, footprint]], axis=1)
+    one = _quiet_from_paths([mixed["s2"], mixed["u16"]], nodata=0, scaling_by="corpus")
+    np.testing.assert_array_equal(one.scaling, np.percentile(pooled, [2, 98], axis=1)[None].repeat(2, axis=0))
 
     store = write_chip_store(tmp_path / "chips.zarr", raw, progress=False)
     assert store.dtype == "int32"
@@ -404,8 +408,7 @@ def test_mixed_corpus_through_the_cli(
         == 0
     )
     assert main(["chips", str(table_path), "--corpus", str(corpus_path), "--out", str(store_path)]) == 0
-    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert all("pooled over rasters of different dtypes" in line for line in warned)
+    assert "warning" not in capsys.readouterr().err  # scaled per dtype: nothing pooled over dtypes
     corpus, table, store = RasterCorpus.load(corpus_path), gpd.read_parquet(table_path), ChipStore(store_path)
     assert store.dtype == "int32" and len(store) == 48
     assert table["raster"].nunique() == 3
@@ -505,13 +508,52 @@ def test_truncation_past_the_overviews_fails_at_read_time_naming_the_file(
     assert f"geodino: error: {cog}: cannot read chip" in err and "Traceback" not in err
 
 
-def test_pooled_scaling_over_mixed_dtypes_warns() -> None:
-    """uint8 beside uint16 rasters: one pooled stretch would squash the uint8 ones; the index says so."""
+def test_mixed_dtypes_are_scaled_per_dtype() -> None:
+    """uint8 beside uint16: by default each dtype has its own levels, so the uint8 raster spans [0, 1];
+    ``scaling_by="corpus"`` pools them (the uint16 raster sets the high end, the uint8 one comes out as a dark
+    sliver) and warns."""
     rasters = [shared_path("data", "rasters", name) for name in ("RGB.byte.tif", "rgb16.tif")]
-    with pytest.warns(UserWarning, match="different dtypes") as caught:
-        corpus = RasterCorpus.from_paths(rasters, bands=[1, 2, 3])
-    assert all(str(path) in str(caught[-1].message) for path in rasters)
-    assert corpus.scaling[1].max() > 255  # the uint16 raster dominates the pooled high percentile
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        RasterCorpus.from_paths(rasters[:1], bands=[1, 2, 3])
+        corpus = RasterCorpus.from_paths(rasters, bands=[1, 2, 3], progress=False)
+    assert corpus.scaling_by == "dtype"
+    with rasterio.open(rasters[0]) as src:
+        data = src.read(out_shape=(3, 465, 512))  # the decimated read: 512 px on the long side (791 px)
+        whole = Window(0, 0, src.width, src.height)
+    valid = (data != 0).any(axis=0)  # declared nodata 0, dataset-mask semantics
+    np.testing.assert_array_equal(corpus.scaling[0], np.percentile(data[:, valid], [2, 98], axis=1))
+    with rasterio.open(rasters[1]) as src:  # 500 px: read whole, no nodata
+        expected = np.percentile(src.read().reshape(3, -1), [2, 98], axis=1)
+    np.testing.assert_array_equal(corpus.scaling[1], expected)
+    chip = CorpusDataset(corpus)[ChipRef(0, whole)]
+    assert chip.image[:, chip.valid].min() == 0 and chip.image[:, chip.valid].max() == 1
+
+    with pytest.warns(
+        UserWarning, match=r"different dtypes \(scaling_by='corpus'\).*scaling_by='dtype'"
+    ) as caught:
+        pooled = RasterCorpus.from_paths(rasters, bands=[1, 2, 3], scaling_by="corpus", progress=False)
+    assert all(str(path) in str(caught[-1].message) for path in rasters)
+    np.testing.assert_array_equal(pooled.scaling[0], pooled.scaling[1])
+    assert pooled.scaling[0, 1].min() > 255  # the uint16 raster dominates the pooled high percentile
+    chip = CorpusDataset(pooled)[ChipRef(0, whole)]
+    assert chip.image.max() < 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RasterCorpus.from_paths(rasters[:1], bands=[1, 2, 3], scaling_by="corpus", progress=False)
+
+
+def test_index_cli_scaling_by(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rasters = [str(shared_path("data", "rasters", name)) for name in ("RGB.byte.tif", "rgb16.tif")]
+    out = tmp_path / "corpus.parquet"
+    index = ["index", *rasters, "--bands", "1", "2", "3", "--out", str(out)]
+    assert main(index) == 0
+    assert RasterCorpus.load(out).scaling_by == "dtype"
+    assert main([*index, "--scaling-by", "raster"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    corpus = RasterCorpus.load(out)
+    direct = RasterCorpus.from_paths(rasters, bands=[1, 2, 3], scaling_by="raster", progress=False)
+    assert corpus.scaling_by == "raster"
+    np.testing.assert_array_equal(corpus.scaling, direct.scaling)
+    assert main([*index, "--scaling-by", "corpus"]) == 0
+    assert "--scaling-by dtype" in capsys.readouterr().err  # the pooled-dtypes warning names the fix
+    assert RasterCorpus.load(out).scaling_by == "corpus"

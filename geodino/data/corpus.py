@@ -2,9 +2,21 @@
 
 :meth:`RasterCorpus.from_paths` opens every raster once and records what later stages need without
 reopening it: the footprint in EPSG:4326, CRS, ground sample distance (GSD), grid size, bands, dtype,
-nodata, a coarse valid-pixel map (:class:`~geodino.data.validity.ValidMap`) and, pooled over the corpus,
-per-band percentiles that map raw digital numbers (uint8, uint16 reflectance, int16, float) to the
-model's input range [0, 1]. The index is a ``geopandas.GeoDataFrame`` saved as GeoParquet.
+nodata, a coarse valid-pixel map (:class:`~geodino.data.validity.ValidMap`) and per-band percentiles
+that map raw digital numbers (uint8, uint16 reflectance, int16, float) to the model's input range [0, 1].
+The index is a ``geopandas.GeoDataFrame`` saved as GeoParquet.
+
+The percentiles are taken over the valid pixels of decimated reads, pooled over groups of rasters
+(``scaling_by``):
+
+- ``"dtype"`` (default): the rasters of one dtype share their levels. For a corpus mixing sensors by
+  storage type (uint8 RGB beside uint16 or int16 reflectance): each dtype spans [0, 1], instead of the
+  rasters of the narrower range coming out as a dark sliver of it.
+- ``"raster"``: each raster has its own levels. For scenes of one sensor with very different illumination
+  (season, sun elevation, haze): every scene is stretched to full contrast, which loses the absolute
+  radiometry between scenes (a dark scene looks like a bright one).
+- ``"corpus"``: one set of levels for all rasters. For one sensor, keeping the relative radiometry between
+  scenes.
 
 Each raster is read on its **read grid**: its own pixel grid, or, when a target ``crs`` and/or ``gsd`` is
 given, the grid of a ``rasterio.vrt.WarpedVRT`` reprojecting it on the fly. Chip windows (:class:`ChipRef`,
@@ -32,7 +44,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import geopandas as gpd
 import numpy as np
@@ -79,9 +91,13 @@ _COMMON_FILLS = (0, -9999)
 #: Key of the corpus settings in the GeoParquet metadata.
 _SETTINGS_KEY = "geodino.corpus"
 _VALID_MAP_COLUMNS = ("valid_map", "valid_map_rows", "valid_map_cols")
+#: Columns of a saved corpus that hold the per-raster scaling levels (:meth:`RasterCorpus.save`).
+_SCALING_COLUMNS = ("scaling_low", "scaling_high")
 
 Band = int | str
 Handle = rasterio.DatasetReader | WarpedVRT
+#: Which rasters share their scaling percentiles; see the module docstring.
+ScalingBy = Literal["dtype", "raster", "corpus"]
 
 
 @dataclass(frozen=True)
@@ -322,6 +338,37 @@ def _index_raster(
     return row, valid_map, sample, fill
 
 
+def _scaling_groups(dtypes: Sequence[str], scaling_by: ScalingBy) -> np.ndarray:
+    """``int64 [R]``: per raster (of ``dtypes``), the group whose valid pixels are pooled for its levels."""
+    if scaling_by == "raster":
+        return np.arange(len(dtypes), dtype=np.int64)
+    if scaling_by == "dtype":
+        return np.unique(np.asarray(dtypes), return_inverse=True)[1].astype(np.int64)
+    return np.zeros(len(dtypes), dtype=np.int64)
+
+
+def _percentile_levels(
+    samples: Sequence[np.ndarray], groups: np.ndarray, percentiles: tuple[float, float]
+) -> np.ndarray:
+    """``float64 [R, 2, C]``: per raster, the ``percentiles`` of the pooled samples of its group.
+
+    Args:
+        samples: Valid pixels ``[C, n_r]`` of each of the R rasters.
+        groups: ``int [R]``, the group of each raster (:func:`_scaling_groups`).
+        percentiles: ``(low, high)`` percentiles.
+
+    A group without any sampled pixel (rasters valid only in slivers the decimated reads miss) gets the
+    levels of the whole corpus' samples.
+    """
+    levels = np.empty((len(samples), 2, samples[0].shape[0]))
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        pixels = np.concatenate([samples[i] for i in members], axis=1)
+        pixels = pixels if pixels.shape[1] else np.concatenate(samples, axis=1)
+        levels[members] = np.percentile(pixels, percentiles, axis=1)
+    return levels
+
+
 def _warn_files(message: str, items: list[tuple[str, str]]) -> None:
     warnings.warn(message + "".join(f"\n  {path}: {why}" for path, why in items), UserWarning, stacklevel=3)
 
@@ -344,7 +391,11 @@ class RasterCorpus:
         valid_maps: One coarse :class:`ValidMap` per raster, on its read grid.
         settings: How the rasters are read.
         percentiles: ``(low, high)`` percentiles of the scaling, or None (no scaling).
-        scaling: ``float64 [2, C]``: per-band values that :meth:`scale` maps to 0 and 1, or None.
+        scaling_by: Which rasters share their levels: ``"dtype"``, ``"raster"`` or ``"corpus"`` (see the
+            module docstring).
+        scaling: ``float64 [R, 2, C]``: per raster (row ``i`` for raster ``i``), the per-band values that
+            :meth:`scale` maps to 0 and 1; the rasters of one group have identical rows. None for no
+            scaling.
     """
 
     #: Most dataset handles one process keeps open (the least recently used one is closed).
@@ -357,12 +408,14 @@ class RasterCorpus:
         settings: ReadSettings,
         *,
         percentiles: tuple[float, float] | None = None,
+        scaling_by: ScalingBy = "dtype",
         scaling: np.ndarray | None = None,
     ) -> None:
         self.index = index
         self.valid_maps = valid_maps
         self.settings = settings
         self.percentiles = percentiles
+        self.scaling_by = scaling_by
         self.scaling = scaling
         self._handles: OrderedDict[int, tuple[rasterio.DatasetReader, Handle]] = OrderedDict()
         self._pid: int | None = None
@@ -380,6 +433,7 @@ class RasterCorpus:
         gsd: float | tuple[float, float] | None = None,
         resampling: str = "bilinear",
         scaling: tuple[float, float] | None = (2.0, 98.0),
+        scaling_by: ScalingBy = "dtype",
         valid_map_side: int = 1024,
         on_error: Literal["raise", "skip"] = "raise",
         progress: bool = True,
@@ -400,8 +454,10 @@ class RasterCorpus:
             gsd: Target resolution in target-CRS units per pixel (one value or ``(x, y)``); with ``crs``
                 None, the rasters are resampled in their own CRS.
             resampling: ``rasterio.enums.Resampling`` name used when reprojecting.
-            scaling: ``(low, high)`` percentiles of the valid pixels of each band, pooled over the corpus
-                (decimated reads), that :meth:`scale` maps to 0 and 1; None for no scaling.
+            scaling: ``(low, high)`` percentiles of the valid pixels of each band (decimated reads, pooled
+                as ``scaling_by`` says) that :meth:`scale` maps to 0 and 1; None for no scaling.
+            scaling_by: Pool the percentiles over the rasters of one dtype (``"dtype"``), take them per
+                raster (``"raster"``) or over the whole corpus (``"corpus"``); see the module docstring.
             valid_map_side: Longest side of the coarse valid maps, cells.
             on_error: "raise" on the first bad raster, or "skip" bad rasters with one warning listing them.
             progress: Show a progress bar.
@@ -414,6 +470,8 @@ class RasterCorpus:
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if scaling_by not in get_args(ScalingBy):
+            raise ValueError(f"scaling_by must be one of {get_args(ScalingBy)}, got {scaling_by!r}")
         if resampling not in Resampling.__members__:
             raise ValueError(f"unknown resampling {resampling!r}; one of {sorted(Resampling.__members__)}")
         bands = [bands] if isinstance(bands, int | str) else bands
@@ -465,16 +523,20 @@ class RasterCorpus:
         index = gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326")
         index["epsg"] = pd.array(index["epsg"], dtype="Int64")
         index["nodata"] = index["nodata"].astype(np.float64)
-        levels = None if scaling is None else np.percentile(np.concatenate(samples, axis=1), scaling, axis=1)
         percentiles = None if scaling is None else (float(scaling[0]), float(scaling[1]))
-        if scaling is not None and index["dtype"].nunique() > 1:
+        groups = _scaling_groups(index["dtype"], scaling_by)
+        levels = None if percentiles is None else _percentile_levels(samples, groups, percentiles)
+        if percentiles is not None and scaling_by == "corpus" and index["dtype"].nunique() > 1:
             _warn_files(
-                "the scaling percentiles are pooled over rasters of different dtypes, so the rasters of the "
-                "narrower range will come out nearly black (e.g. uint8 beside uint16 reflectance); index "
-                "each sensor or dtype as its own corpus, or pass scaling=None:",
+                "the scaling percentiles are pooled over rasters of different dtypes (scaling_by='corpus'), "
+                "so the rasters of the narrower range will come out nearly black (e.g. uint8 beside uint16 "
+                "reflectance); pool them per dtype with scaling_by='dtype' (geodino index --scaling-by "
+                "dtype):",
                 [(str(p), str(d)) for p, d in zip(index["raster"], index["dtype"], strict=True)],
             )
-        return cls(index, valid_maps, settings, percentiles=percentiles, scaling=levels)
+        return cls(
+            index, valid_maps, settings, percentiles=percentiles, scaling_by=scaling_by, scaling=levels
+        )
 
     @classmethod
     def from_torchgeo(cls, dataset: Any, **kwargs: Any) -> RasterCorpus:
@@ -501,21 +563,32 @@ class RasterCorpus:
         """Write the corpus (index, valid maps, settings) as GeoParquet, atomically.
 
         Valid maps are columns (``valid_map``: ``np.packbits`` bytes, ``valid_map_rows`` / ``_cols``: the
-        coarse shape); the settings are JSON in the file's pandas metadata (``DataFrame.attrs``).
+        coarse shape), and so are the scaling levels (``scaling_low`` / ``scaling_high``: ``[C]`` floats per
+        raster, absent without scaling); the settings (read settings, ``percentiles``, ``scaling_by``) are
+        JSON in the file's pandas metadata (``DataFrame.attrs``).
         """
         path = Path(path)
         table = self.index.copy()
         table["valid_map"] = [np.packbits(vm.valid).tobytes() for vm in self.valid_maps]
         table["valid_map_rows"] = [vm.valid.shape[0] for vm in self.valid_maps]
         table["valid_map_cols"] = [vm.valid.shape[1] for vm in self.valid_maps]
-        scaling = None if self.scaling is None else self.scaling.tolist()
-        settings = {"read": asdict(self.settings), "percentiles": self.percentiles, "scaling": scaling}
+        if self.scaling is not None:
+            for j, column in enumerate(_SCALING_COLUMNS):
+                table[column] = list(self.scaling[:, j])
+        settings = {
+            "read": asdict(self.settings),
+            "percentiles": self.percentiles,
+            "scaling_by": self.scaling_by,
+        }
         table.attrs = {_SETTINGS_KEY: json.dumps(settings)}  # pyarrow writes attrs into the file metadata
         write_geoparquet(table, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RasterCorpus:
         """Read a corpus written by :meth:`save`, without opening the rasters.
+
+        Files saved before ``scaling_by`` existed (one pooled ``scaling`` ``[2, C]`` in the settings) load
+        with ``scaling_by="corpus"``.
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
@@ -532,7 +605,8 @@ class RasterCorpus:
             )
             for bits, r, c, h, w in shapes
         ]
-        index = table.drop(columns=list(_VALID_MAP_COLUMNS))
+        scaling_by, scaling = _saved_scaling(table, saved)
+        index = table.drop(columns=[*_VALID_MAP_COLUMNS, *_SCALING_COLUMNS], errors="ignore")
         index.attrs = {}
         # Parquet lists come back as numpy arrays: restore the Python lists from_paths builds.
         for column, kind in (("bands", int), ("band_descriptions", str), ("transform", float)):
@@ -540,13 +614,14 @@ class RasterCorpus:
         settings = ReadSettings(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["read"].items()}
         )
-        percentiles, scaling = saved["percentiles"], saved["scaling"]
+        percentiles = saved["percentiles"]
         return cls(
             index,
             valid_maps,
             settings,
             percentiles=None if percentiles is None else tuple(percentiles),
-            scaling=None if scaling is None else np.asarray(scaling, dtype=np.float64),
+            scaling_by=scaling_by,
+            scaling=scaling,
         )
 
     # -------------------------------------------------------------------------------------- reading
@@ -624,18 +699,23 @@ class RasterCorpus:
         chip.path = Path(row["raster"])
         return chip
 
-    def scale(self, image: np.ndarray) -> np.ndarray:
-        """Map ``image [..., C, h, w]`` to ``float32`` in [0, 1] per band with the corpus percentiles.
+    def scale(self, image: np.ndarray, raster: int) -> np.ndarray:
+        """Map ``image [..., C, h, w]`` of raster ``raster`` to ``float32`` in [0, 1] per band.
 
-        Values are clipped; NaN becomes 0 (the chip's ``valid`` mask marks it). Without scaling the image
-        is only converted to ``float32``.
+        Uses the raster's levels (``scaling[raster]``, ``[2, C]``). Values are clipped; NaN becomes 0 (the
+        chip's ``valid`` mask marks it). Without scaling the image is only converted to ``float32``.
+
+        Args:
+            image: Pixels ``[..., C, h, w]`` in the raster's units.
+            raster: Index of the raster in the corpus (``ChipRef.raster``).
         """
         out = np.asarray(image, dtype=np.float32)
         if self.scaling is None:
             return out
-        if out.ndim < 3 or out.shape[-3] != self.scaling.shape[1]:
-            raise ValueError(f"expected [..., {self.scaling.shape[1]}, h, w] pixels, got shape {out.shape}")
-        low, high = (v.astype(np.float32)[:, None, None] for v in self.scaling)
+        bands = self.scaling.shape[2]
+        if out.ndim < 3 or out.shape[-3] != bands:
+            raise ValueError(f"expected [..., {bands}, h, w] pixels, got shape {out.shape}")
+        low, high = (v.astype(np.float32)[:, None, None] for v in self.scaling[raster])
         out = (out - low) / np.where(high > low, high - low, 1)  # a constant band maps to 0
         return np.nan_to_num(np.clip(out, 0, 1, out=out), nan=0.0)
 
@@ -679,7 +759,26 @@ class RasterCorpus:
         ]
 
     def __repr__(self) -> str:
-        return f"RasterCorpus({len(self)} rasters, {self.settings}, percentiles={self.percentiles})"
+        return (
+            f"RasterCorpus({len(self)} rasters, {self.settings}, percentiles={self.percentiles}, "
+            f"scaling_by={self.scaling_by!r})"
+        )
+
+
+def _saved_scaling(table: pd.DataFrame, saved: dict[str, Any]) -> tuple[ScalingBy, np.ndarray | None]:
+    """``scaling_by`` and the levels ``float64 [R, 2, C]`` (or None) of a table written by :meth:`save`.
+
+    Files from before ``scaling_by`` hold one pooled ``scaling`` ``[2, C]`` in ``saved`` (the settings):
+    it becomes every raster's row, with ``scaling_by="corpus"``.
+    """
+    if "scaling_by" not in saved:
+        pooled = saved["scaling"]
+        rows = None if pooled is None else np.repeat(np.asarray(pooled, np.float64)[None], len(table), axis=0)
+        return "corpus", rows
+    if saved["percentiles"] is None:
+        return saved["scaling_by"], None
+    columns = [np.stack(table[column].to_list()).astype(np.float64) for column in _SCALING_COLUMNS]
+    return saved["scaling_by"], np.stack(columns, axis=1)
 
 
 def _close(src: rasterio.DatasetReader, handle: Handle) -> None:
@@ -730,6 +829,8 @@ class CorpusDataset(torch.utils.data.Dataset):
             key = self.refs[operator.index(key)]
         chip = self.corpus.read(key)
         chip.image = (
-            self.corpus.scale(chip.image) if self.scaled else chip.image.astype(self.dtype, copy=False)
+            self.corpus.scale(chip.image, key.raster)
+            if self.scaled
+            else chip.image.astype(self.dtype, copy=False)
         )
         return chip
