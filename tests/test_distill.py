@@ -437,6 +437,10 @@ def test_resume_reproduces_losses_exactly_without_teacher_in_checkpoint(
     saved_students = {k: v for k, v in saved["state_dict"].items() if k.startswith("students")}
     assert all(torch.equal(loaded[k], v) for k, v in saved_students.items())
     assert all(torch.equal(loaded[k], v) for k, v in final.items() if k.startswith("teacher."))
+    # only the teacher may be missing: a state without one EMA key fails the strict load
+    lacking = {k: v for k, v in saved["state_dict"].items() if k != "students_ema.base.backbone.norm.weight"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*students_ema\.base\.backbone\.norm\.weight"):
+        resumed.load_state_dict(lacking)
 
 
 def test_specification_errors(teacher_file, tmp_path: Path) -> None:

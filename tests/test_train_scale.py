@@ -14,14 +14,20 @@
    is active at every step. Each FSDP rank holds half of the student; losses, gradient norms (reduced over
    the shards), the gathered teacher export and the Lightning checkpoint equal DDP's. Lightning refuses
    FSDP without a GPU, and FSDP needs ``device_id=cpu`` on CPU, so the run uses :class:`CPUFSDPStrategy`,
-   a subclass that only changes the device given to FSDP. The processes run this file as a script
-   (Lightning starts rank 1 by re-running the command).
+   a subclass that changes the device given to FSDP (and works around a CPU-only aliasing of gathered
+   optimizer states in torch, see the class). The processes run this file as a script (Lightning starts
+   rank 1 by re-running the command).
+4. FSDP resume (slow): the same 2-process FSDP setup with activation checkpointing runs 4 steps with a
+   Lightning checkpoint every 2, then a fresh process pair resumes from the step-2 checkpoint: steps 3-4
+   give the uninterrupted losses exactly on both ranks, for pretraining with Gram anchoring (refreshed at
+   step 3, after the resume point) and for distillation (whose checkpoints leave the frozen teacher out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,9 +39,16 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    FullyShardedDataParallel,
+    OptimStateKeyType,
+    StateDictType,
+)
 from torch.utils.data import DataLoader
 
 from geodino.train.distill import DistillationModule
@@ -211,11 +224,17 @@ STEPS, WORLD = 3, 2
 
 
 class CPUFSDPStrategy(FSDPStrategy):
-    """Lightning's ``FSDPStrategy`` on CPU processes: FSDP is given ``device_id=cpu``, which it needs there.
+    """Lightning's ``FSDPStrategy`` on CPU processes: FSDP is given ``device_id=cpu``, which it needs there,
+    and the full optimizer state is gathered without ``offload_to_cpu``.
 
     Lightning refuses the registered ``fsdp`` strategy without a GPU (a subclass instance passes its check)
     and gives FSDP the device index, None on CPU. This copies ``FSDPStrategy._setup_model``'s wrapping with
-    the CPU device; policy, sharding, precision and state-dict handling are Lightning's.
+    the CPU device; policy, sharding, precision and state-dict handling are Lightning's, except one setting
+    of the optimizer state dict: torch's ``_allgather_orig_param_states`` gathers every state (``exp_avg``,
+    ``exp_avg_sq``) into one reused buffer and relies on ``offload_to_cpu``'s ``.cpu()`` to copy each out;
+    on a CPU device ``.cpu()`` copies nothing, so every saved state would alias the last one gathered
+    (``exp_avg`` == ``exp_avg_sq`` in the checkpoint). Without offloading, torch clones each state instead.
+    On a GPU the copy happens and Lightning's setting is right.
     """
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -227,6 +246,20 @@ class CPUFSDPStrategy(FSDPStrategy):
             device_id=torch.device("cpu"),
             **self.kwargs,
         )
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap a LightningOptimizer
+        context = FullyShardedDataParallel.state_dict_type(
+            self.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+        )
+        with context:
+            state = FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
+        if self.global_rank != 0:
+            return state
+        return FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
 
 
 class RecordAndExport(L.Callback):
@@ -283,8 +316,9 @@ def distributed_fit(strategy: str, folder: Path) -> None:
     trainer.save_checkpoint(folder / "last.ckpt")
 
 
-def run_distributed(strategy: str, folder: Path) -> None:
-    command = [sys.executable, __file__, strategy, str(folder)]
+def run_script(*args: str | Path) -> None:
+    """Runs this file as a script (see the end of the file) in a subprocess; Lightning starts rank 1."""
+    command = [sys.executable, __file__, *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -293,7 +327,7 @@ def run_distributed(strategy: str, folder: Path) -> None:
 @pytest.mark.slow
 def test_fsdp_matches_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     for strategy in ("ddp", "fsdp"):
-        run_distributed(strategy, tmp_path / strategy)
+        run_script("compare", strategy, tmp_path / strategy)
     records = {
         s: [json.loads((tmp_path / s / f"rank{r}.json").read_text()) for r in range(WORLD)]
         for s in ("ddp", "fsdp")
@@ -313,11 +347,90 @@ def test_fsdp_matches_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
             torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-6, msg=f"{file}: {name}")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description="one 2-process CPU run of test_fsdp_matches_ddp_on_two_cpu_processes"
+RESUME_STEPS = 4  # 2 batches per rank and epoch: checkpoint after step 2, at the epoch boundary
+
+
+class RankBatches(L.LightningDataModule):
+    """Rank ``r`` trains on ``batches[r::world]`` in order, every epoch (no sampler Lightning would swap)."""
+
+    def __init__(self, batches: list[dict[str, Tensor]]) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(self.batches[rank::world], batch_size=None)
+
+
+class RecordLosses(L.Callback):
+    """The total loss of every training step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, *args) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def resume_fit(kind: str, folder: Path, teacher: Path, ckpt_path: Path | None) -> None:
+    """2 CPU processes under FSDP (activation checkpointing on): ``RESUME_STEPS`` steps of a fresh tiny
+    ``pretrain`` (Gram anchoring) or ``distill`` module with a Lightning checkpoint every 2 steps, or the same
+    run resumed from ``ckpt_path``. Every rank writes its losses to ``<folder>/rank<r>.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(0)
+    torch.manual_seed(1 if ckpt_path else 0)  # a resumed run starts from other weights before the load
+    if kind == "pretrain":
+        module = tiny_module(clip_grad=1e-3, gram_update_frequency=3, activation_checkpointing=True)
+    else:
+        module = tiny_distiller(teacher, clip_grad=1e-3, activation_checkpointing=True)
+    record = RecordLosses()
+    checkpoints = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=CPUFSDPStrategy(),
+        max_steps=RESUME_STEPS,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record, checkpoints],
     )
-    parser.add_argument("strategy", choices=["ddp", "fsdp"])
+    batches = [random_batch(seed) for seed in range(WORLD * RESUME_STEPS // 2)]
+    trainer.fit(module, RankBatches(batches), ckpt_path=ckpt_path, weights_only=True)
+    if kind == "pretrain":
+        assert int(module.gram_updates) == 1  # refreshed at step 3, after the resume point
+    out = folder / f"rank{trainer.global_rank}{'_resumed' if ckpt_path else ''}.json"
+    out.write_text(json.dumps(record.losses))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pretrain", "distill"])
+def test_fsdp_run_resumes_exactly(kind: str, teacher_file: Path, tmp_path: Path) -> None:
+    """Sharded checkpoint round trip: the run resumed under FSDP from its step-2 checkpoint gives steps 3-4
+    with the uninterrupted run's losses on every rank (weights, AdamW state, EMA copies, Gram teacher and,
+    for distillation, the frozen teacher that the checkpoint leaves out)."""
+    run_script("resume", kind, tmp_path, "--teacher", teacher_file)
+    checkpoint = tmp_path / "step=2.ckpt"
+    stored = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert any(k.startswith("teacher.") for k in stored) == (kind == "pretrain")  # distillation leaves it out
+    run_script("resume", kind, tmp_path, "--teacher", teacher_file, "--ckpt", checkpoint)
+    for rank in range(WORLD):
+        full = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        resumed = json.loads((tmp_path / f"rank{rank}_resumed.json").read_text())
+        assert len(full) == RESUME_STEPS and all(map(math.isfinite, full))
+        assert resumed == full[2:], rank
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="the 2-process CPU runs of this file's slow tests")
+    parser.add_argument("run", choices=["compare", "resume"])
+    parser.add_argument("mode", help="compare: ddp or fsdp; resume: pretrain or distill")
     parser.add_argument("folder", type=Path)
+    parser.add_argument("--teacher", type=Path, help="resume distill: the tiny teacher file")
+    parser.add_argument("--ckpt", type=Path, help="resume: the checkpoint to resume from")
     args = parser.parse_args()
-    distributed_fit(args.strategy, args.folder)
+    if args.run == "compare":
+        distributed_fit(args.mode, args.folder)
+    else:
+        resume_fit(args.mode, args.folder, args.teacher, args.ckpt)

@@ -107,8 +107,8 @@ class DistillationModule(L.LightningModule):
     ``ModuleDict({name: ModuleDict(backbone, dino_head, ibot_head)})``, the EMA copies frozen and in eval
     mode. Every network uses the official key names, so ``students_ema[name].state_dict()`` is an official
     teacher checkpoint (:meth:`export_students`). The frozen teacher is left out of Lightning checkpoints
-    (it is read from ``teacher_from`` at construction and put back before the checkpoint is loaded
-    strictly): a 7B teacher would otherwise add ~27 GB to every checkpoint.
+    (it is read from ``teacher_from`` at construction; a state dict that lacks its keys loads, every other
+    key strictly): a 7B teacher would add ~27 GB to every checkpoint.
 
     Each entry of ``students`` is a plain dict (one YAML mapping) with the keys
 
@@ -170,8 +170,7 @@ class DistillationModule(L.LightningModule):
             (:func:`~geodino.train.module.compile_blocks`).
 
     Strategies, precisions and FSDP sharding work as for :class:`~geodino.train.module.DINOv3Module`
-    (``configure_model``, sharded gradient clipping, gathered export); under FSDP a run cannot resume from
-    a checkpoint, as FSDP loads the state before :meth:`on_load_checkpoint` can put the teacher back.
+    (``configure_model``, sharded gradient clipping, gathered export, exact resume).
 
     Raises:
         ValueError: Invalid student specifications (unknown key, missing or repeated name, patch size or
@@ -243,6 +242,7 @@ class DistillationModule(L.LightningModule):
         )
         _load_strict(self.teacher, _read_teacher_file(teacher_from), teacher_from)
         self.teacher.requires_grad_(False)
+        self.register_load_state_dict_post_hook(_allow_missing_teacher)
 
         self.students = nn.ModuleDict()
         self.students_ema = nn.ModuleDict()
@@ -478,10 +478,6 @@ class DistillationModule(L.LightningModule):
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("teacher.")
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Puts the teacher read from ``teacher_from`` into the loaded state, which then loads strictly."""
-        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-
     # ------------------------------------------------------------------ EMA and export
 
     @torch.no_grad()
@@ -546,6 +542,19 @@ class DistillationModule(L.LightningModule):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(step_seed)
             yield
+
+
+def _allow_missing_teacher(module: nn.Module, incompatible: nn.modules.module._IncompatibleKeys) -> None:
+    """``load_state_dict`` post-hook: the frozen teacher's keys may be missing (checkpoints leave it out; it
+    keeps the weights read from ``teacher_from``); every other key still loads strictly. Runs inside the
+    load, so it also works where Lightning's FSDP strategy loads the state before any checkpoint hook."""
+    missing = incompatible.missing_keys
+    missing[:] = [key for key in missing if not _unwrapped(key).startswith("teacher.")]
+
+
+def _unwrapped(key: str) -> str:
+    """A state-dict key without the FSDP and activation-checkpointing wrappers' prefixes."""
+    return key.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 def _check_student_specs(students: list[dict[str, Any]]) -> list[dict[str, Any]]:
