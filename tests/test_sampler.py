@@ -1,4 +1,5 @@
-"""RandomChipSampler: valid-area uniform chips, nodata rejection, determinism, DDP/worker sharding, resume."""
+"""RandomChipSampler: valid-area uniform chips, nodata rejection, determinism, DDP/worker sharding, resume;
+ChipListSampler: a fixed chip list permuted per epoch, sharded and resumable."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import shared_path
+from rasterio.windows import Window
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from geodino.data.sampler import RandomChipSampler
+from geodino.data.sampler import ChipListSampler, RandomChipSampler
 from geodino.data.synthetic import make_scene
 from geodino.data.tiling import ChipRef, read_chip
 from geodino.data.validity import ValidMap, read_valid_map
@@ -334,3 +336,55 @@ def test_unreachable_chips_raise_instead_of_looping() -> None:
         list(RandomChipSampler([board], size=8, num_samples=4, max_nodata=0.2))
     with pytest.raises(ValueError, match="consumed must be in"):
         RandomChipSampler([board], size=8, num_samples=4).state_dict(consumed=5)
+
+
+# ---------------------------------------------------------------- ChipListSampler
+
+
+def chip_list(n: int) -> list[ChipRef]:
+    """``n`` distinct chips of 3 rasters, mixed sizes (as a chip table may hold)."""
+    rng = np.random.default_rng(5)
+    return [
+        ChipRef(int(rng.integers(3)), Window(int(4 * i), int(rng.integers(500)), 64 + i % 2 * 32, 64))
+        for i in range(n)
+    ]
+
+
+def test_chip_list_sampler_permutes_the_whole_list_every_epoch() -> None:
+    refs = chip_list(50)
+    sampler = ChipListSampler(refs, seed=3)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order, key=str) == sorted(refs, key=str)  # every chip exactly once
+        assert order == ChipListSampler(refs, seed=3).epoch_refs(epoch)  # a function of (seed, epoch)
+        orders.append(order)
+    assert orders[0] != orders[1] != orders[2] != refs
+    assert ChipListSampler(refs, seed=4).epoch_refs(0) != orders[0]
+    assert list(ChipListSampler(refs, shuffle=False)) == refs
+
+
+def test_chip_list_sampler_shards_and_resumes() -> None:
+    refs, world = chip_list(23), 3
+    ranks = [ChipListSampler(refs, seed=1, rank=r, world_size=world) for r in range(world)]
+    for s in ranks:
+        s.set_epoch(2)
+    shards = [list(s) for s in ranks]
+    assert [len(s) for s in ranks] == [len(shard) for shard in shards] == [7, 7, 7]  # 23 // 3, 2 dropped
+    sequence = ranks[0].epoch_refs(2)
+    for r, shard in enumerate(shards):
+        assert shard == sequence[r:21:world]
+    assert len({str(ref) for shard in shards for ref in shard}) == 21
+
+    state = ranks[1].state_dict(consumed=4)
+    resumed = ChipListSampler(refs, seed=1, rank=1, world_size=world)
+    resumed.load_state_dict(state)
+    assert list(resumed) == shards[1][4:]
+    assert len(resumed) == 7
+    with pytest.raises(ValueError, match=r"different configuration.*fingerprint"):
+        ChipListSampler(
+            [*refs[:-1], ChipRef(9, Window(0, 0, 64, 64))], rank=1, world_size=world
+        ).load_state_dict(state)
+    with pytest.raises(ValueError, match="gives no chip to some of the 3 ranks"):
+        ChipListSampler(refs[:2], world_size=3, rank=0)

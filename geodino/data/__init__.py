@@ -10,7 +10,7 @@ from geodino.data.curation import (
     hierarchical_kmeans,
 )
 from geodino.data.loader import ChipBatch, ChipLoader, WorkerBatchSampler, collate_chips, column_bands
-from geodino.data.sampler import RandomChipSampler
+from geodino.data.sampler import ChipListSampler, RandomChipSampler
 from geodino.data.synthetic import (
     BAND_NAMES,
     CANOPY_NODATA,
@@ -46,6 +46,7 @@ __all__ = [
     "ChangePair",
     "Chip",
     "ChipBatch",
+    "ChipListSampler",
     "ChipLoader",
     "ChipRef",
     "ChipStore",

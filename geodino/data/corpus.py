@@ -746,16 +746,21 @@ class RasterCorpus:
         """The :class:`ChipRef` s of a chip table's rows, matching rasters by path.
 
         Raises:
-            ValueError: A row names a raster that is not in the corpus.
+            ValueError: The table lacks a column of the chip-table contract (``raster``, ``col_off``,
+                ``row_off``, ``width``, ``height``), or a row names a raster that is not in the corpus.
         """
+        columns = ("raster", "col_off", "row_off", "width", "height")
+        missing_columns = [c for c in columns if c not in table.columns]
+        if missing_columns:
+            raise ValueError(f"not a chip table: no columns {missing_columns}")
         lookup = {path: i for i, path in enumerate(self.index["raster"])}
         missing = sorted(set(table["raster"]) - lookup.keys())
         if missing:
             raise ValueError(f"chip table names {len(missing)} raster(s) not in the corpus: {missing}")
-        columns = (table[k].to_numpy() for k in ("raster", "col_off", "row_off", "width", "height"))
+        values = (table[k].to_numpy() for k in columns)
         return [
             ChipRef(lookup[p], Window(int(c), int(r), int(w), int(h)))
-            for p, c, r, w, h in zip(*columns, strict=True)
+            for p, c, r, w, h in zip(*values, strict=True)
         ]
 
     def __repr__(self) -> str:

@@ -1,4 +1,4 @@
-"""Random chips drawn uniformly over the valid area of a raster corpus (SAT-493M style crops).
+"""Chip samplers for training: random chips over a corpus's valid area, or a fixed chip list in new orders.
 
 Each epoch, :class:`RandomChipSampler` draws ``num_samples`` distinct ``size`` x ``size`` pixel windows
 (:class:`~geodino.data.tiling.ChipRef`) whose centres are uniform over the *valid* pixels of the whole
@@ -8,11 +8,14 @@ window around that centre is clamped inside the raster (a raster smaller than ``
 0, which extends past the edge: reads are padded). Windows whose estimated nodata fraction exceeds
 ``max_nodata`` are rejected, and repeated windows are dropped.
 
-The epoch's global sequence is a pure function of ``(seed, epoch)`` and the configuration, never of a
-global RNG: every DDP rank computes the same sequence and takes the shard ``rank, rank + world_size, ...``.
-(torchgeo's ``RandomGeoSampler`` draws from torch's global RNG, so unless each rank is seeded differently
-all ranks train on the same chips.) With a map-style dataset indexed by :class:`ChipRef`, the DataLoader
-hands each index to exactly one worker, so workers are disjoint too.
+:class:`ChipListSampler` yields a fixed list of chips (a chip table written by ``geodino sample`` or
+``geodino curate``, or a chip store's table), every epoch in a new order.
+
+For both, the epoch's global sequence is a pure function of ``(seed, epoch)`` and the configuration, never
+of a global RNG: every DDP rank computes the same sequence and takes the shard ``rank, rank + world_size,
+...``. (torchgeo's ``RandomGeoSampler`` draws from torch's global RNG, so unless each rank is seeded
+differently all ranks train on the same chips.) With a map-style dataset indexed by :class:`ChipRef`, the
+DataLoader hands each index to exactly one worker, so workers are disjoint too.
 
 Lightning: build the trainer with ``Trainer(use_distributed_sampler=False)``, because by default Lightning
 wraps any non-``DistributedSampler`` in a ``DistributedSamplerWrapper`` and would shard the shards again
@@ -26,6 +29,7 @@ resumption, save ``sampler.state_dict(consumed=batches_done * batch_size)`` in t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,7 +41,7 @@ from torch.utils.data import Sampler
 from geodino.data.tiling import ChipRef
 from geodino.data.validity import ValidMap
 
-__all__ = ["RandomChipSampler"]
+__all__ = ["ChipListSampler", "RandomChipSampler"]
 
 #: Slack on the valid-fraction test, so that float rounding never rejects a window exactly at the limit.
 _EPS = 1e-9
@@ -45,11 +49,120 @@ _EPS = 1e-9
 _DRAWS_PER_CHIP = 64
 _MAX_BATCH = 1 << 20
 
-#: Configuration that a saved state must match to be loaded.
-_CONFIG_KEYS = ("num_samples", "world_size", "size", "max_nodata", "num_rasters")
+
+class _EpochSampler(Sampler[ChipRef]):
+    """Sharding over DDP ranks, epochs and mid-epoch resume of a global chip sequence per epoch.
+
+    Subclasses give the sequence (:meth:`_epoch_rows`) and the configuration a saved state must match
+    (:attr:`_config_keys`). Every rank yields ``num_samples // world_size`` chips per epoch, the shard
+    ``rank, rank + world_size, ...`` (DDP needs equal lengths: the last ``num_samples % world_size`` chips
+    of the sequence are dropped).
+    """
+
+    _config_keys: tuple[str, ...] = ("num_samples", "world_size")
+
+    def __init__(self, num_samples: int, seed: int, rank: int | None, world_size: int | None) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        if world_size is None:
+            world_size = dist.get_world_size() if distributed else 1
+        self.rank, self.world_size = int(rank), int(world_size)
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy SeedSequence), got {seed}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"need world_size >= 1 and 0 <= rank < world_size, got {self.rank}, {self.world_size}"
+            )
+        if num_samples < self.world_size:
+            raise ValueError(
+                f"num_samples={num_samples} gives no chip to some of the {self.world_size} ranks; "
+                f"use num_samples >= world_size"
+            )
+        self.num_samples, self.seed = int(num_samples), int(seed)
+        self.epoch = 0
+        self._resume = 0  # chips of the current epoch to skip at the next __iter__ (load_state_dict)
+        self._yielded = 0  # chips of the current epoch handed out on this rank (resume offset included)
+
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        """The epoch's global sequence as ``int64 [num_samples, 5]`` rows ``(raster, col_off, row_off,
+        width, height)``."""
+        raise NotImplementedError
+
+    def epoch_refs(self, epoch: int) -> list[ChipRef]:
+        """The global sequence of ``num_samples`` chips of ``epoch``, before sharding over ranks."""
+        return [_ref(row) for row in self._epoch_rows(epoch)]
+
+    @property
+    def per_rank(self) -> int:
+        """Chips per epoch on each rank: ``num_samples // world_size``."""
+        return self.num_samples // self.world_size
+
+    def __len__(self) -> int:
+        """Chips in this rank's epoch: :attr:`per_rank`, also right after a resume.
+
+        A resumed iteration yields only the ``per_rank - consumed`` chips that remain, but the length stays
+        the epoch's: Lightning restores its batch counter and counts it against the loader's length, so a
+        shorter length would end the resumed epoch early.
+        """
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[ChipRef]:
+        used = self.per_rank * self.world_size  # the global sequence less num_samples % world_size
+        rows = self._epoch_rows(self.epoch)[self.rank : used : self.world_size]
+        start, self._resume = self._resume, 0
+        self._yielded = start
+        for row in rows[start:]:
+            self._yielded += 1
+            yield _ref(row)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (a new sequence); a resumed position is kept only for the same epoch."""
+        if epoch != self.epoch:
+            self.epoch, self._resume, self._yielded = int(epoch), 0, 0
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """The sampler's position, for resuming mid-epoch.
+
+        Args:
+            consumed: Chips of the current epoch actually used on this rank (e.g. batches done x batch
+                size). Defaults to the chips yielded so far, which runs ahead of training when a
+                DataLoader prefetches, so pass it explicitly when checkpointing during training. In DDP
+                every rank consumes the same number, so one rank's state can be loaded on all ranks.
+
+        Returns:
+            ``seed``, ``epoch``, ``consumed`` and the configuration that a loading sampler must match.
+        """
+        consumed = self._yielded if consumed is None else int(consumed)
+        if not 0 <= consumed <= self.per_rank:
+            raise ValueError(f"consumed must be in [0, {self.per_rank}] chips per rank, got {consumed}")
+        config = {k: getattr(self, k) for k in self._config_keys}
+        return {"seed": self.seed, "epoch": self.epoch, "consumed": consumed, **config}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore seed, epoch and position: the next iteration starts after ``state["consumed"]`` chips.
+
+        Raises:
+            ValueError: If the state's configuration differs from this sampler's (its chips would differ).
+        """
+        keys = self._config_keys
+        diff = {k: (state.get(k), getattr(self, k)) for k in keys if state.get(k) != getattr(self, k)}
+        if diff:
+            detail = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
+            raise ValueError(f"cannot resume {type(self).__name__} with a different configuration ({detail})")
+        if not 0 <= state["consumed"] <= self.per_rank:
+            raise ValueError(f"consumed must be in [0, {self.per_rank}], got {state['consumed']}")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._resume = self._yielded = int(state["consumed"])
 
 
-class RandomChipSampler(Sampler[ChipRef]):
+def _ref(row: np.ndarray) -> ChipRef:
+    """The :class:`ChipRef` of a row ``(raster, col_off, row_off, width, height)``."""
+    raster, col, row_off, width, height = (int(v) for v in row)
+    return ChipRef(raster, Window(col, row_off, width, height))
+
+
+class RandomChipSampler(_EpochSampler):
     """Sample distinct random chips uniformly over the valid area of a corpus, sharded over DDP ranks.
 
     Args:
@@ -63,7 +176,8 @@ class RandomChipSampler(Sampler[ChipRef]):
         world_size: Number of ranks; from ``torch.distributed`` when initialised, else 1.
 
     Every rank yields ``num_samples // world_size`` chips per epoch (DDP needs equal lengths): the last
-    ``num_samples % world_size`` chips of the global sequence are dropped.
+    ``num_samples % world_size`` chips of the global sequence are dropped. Resumable mid-epoch with
+    ``state_dict(consumed=...)`` / ``load_state_dict``.
 
     Memory: about 8 bytes per coarse cell of the maps (a summed-area table and the valid cell indices).
 
@@ -72,6 +186,8 @@ class RandomChipSampler(Sampler[ChipRef]):
             ``num_samples < world_size``, a rank outside ``[0, world_size)``, or when no raster has enough
             valid area for one acceptable chip.
     """
+
+    _config_keys = ("num_samples", "world_size", "size", "max_nodata", "num_rasters")
 
     def __init__(
         self,
@@ -84,35 +200,16 @@ class RandomChipSampler(Sampler[ChipRef]):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        distributed = dist.is_available() and dist.is_initialized()
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
-        if world_size is None:
-            world_size = dist.get_world_size() if distributed else 1
-        self.rank, self.world_size = int(rank), int(world_size)
         if not valid_maps:
             raise ValueError("valid_maps is empty: give one ValidMap per raster (see read_valid_map)")
         if size < 1:
             raise ValueError(f"size must be >= 1 pixel, got {size}")
         if not 0.0 <= max_nodata <= 1.0:  # also refuses NaN
             raise ValueError(f"max_nodata must be a fraction in [0, 1], got {max_nodata}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0 (numpy SeedSequence), got {seed}")
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(
-                f"need world_size >= 1 and 0 <= rank < world_size, got {self.rank}, {self.world_size}"
-            )
-        if num_samples < self.world_size:
-            raise ValueError(
-                f"num_samples={num_samples} gives no chip to some of the {self.world_size} ranks; "
-                f"use num_samples >= world_size"
-            )
-        self.size, self.num_samples, self.seed = int(size), int(num_samples), int(seed)
+        super().__init__(num_samples, seed, rank, world_size)
+        self.size = int(size)
         self.max_nodata = float(max_nodata)
         self.num_rasters = len(valid_maps)
-        self.epoch = 0
-        self._resume = 0  # chips of the current epoch to skip at the next __iter__ (load_state_dict)
-        self._yielded = 0  # chips of the current epoch handed out on this rank (resume offset included)
         self._index(valid_maps)
 
     def _index(self, valid_maps: Sequence[ValidMap]) -> None:
@@ -218,78 +315,64 @@ class RandomChipSampler(Sampler[ChipRef]):
             kept = kept[np.sort(np.unique(keys, return_index=True)[1])]
         return kept[: self.num_samples]
 
-    # ------------------------------------------------------------------------------- sampler API
-
-    def epoch_refs(self, epoch: int) -> list[ChipRef]:
-        """The global sequence of ``num_samples`` distinct chips of ``epoch``, before sharding over ranks."""
-        s = self.size
-        return [ChipRef(int(r), Window(int(c), int(w), s, s)) for r, w, c in self._epoch_windows(epoch)]
-
-    @property
-    def per_rank(self) -> int:
-        """Chips per epoch on each rank: ``num_samples // world_size``."""
-        return self.num_samples // self.world_size
-
-    def __len__(self) -> int:
-        """Chips in this rank's epoch: :attr:`per_rank`, also right after a resume.
-
-        A resumed iteration yields only the ``per_rank - consumed`` chips that remain, but the length stays
-        the epoch's: Lightning restores its batch counter and counts it against the loader's length, so a
-        shorter length would end the resumed epoch early.
-        """
-        return self.per_rank
-
-    def __iter__(self) -> Iterator[ChipRef]:
-        used = self.per_rank * self.world_size  # the global sequence less num_samples % world_size
-        windows = self._epoch_windows(self.epoch)[self.rank : used : self.world_size]
-        start, self._resume = self._resume, 0
-        self._yielded = start
-        for r, row, col in windows[start:]:
-            self._yielded += 1
-            yield ChipRef(int(r), Window(int(col), int(row), self.size, self.size))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (a new set of chips); a resumed position is kept only for the same epoch."""
-        if epoch != self.epoch:
-            self.epoch, self._resume, self._yielded = int(epoch), 0, 0
-
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """The sampler's position, for resuming mid-epoch.
-
-        Args:
-            consumed: Chips of the current epoch actually used on this rank (e.g. batches done x batch
-                size). Defaults to the chips yielded so far, which runs ahead of training when a
-                DataLoader prefetches, so pass it explicitly when checkpointing during training. In DDP
-                every rank consumes the same number, so one rank's state can be loaded on all ranks.
-
-        Returns:
-            ``seed``, ``epoch``, ``consumed`` and the configuration (``num_samples``, ``world_size``,
-            ``size``, ``max_nodata``, ``num_rasters``) that a loading sampler must match.
-        """
-        consumed = self._yielded if consumed is None else int(consumed)
-        if not 0 <= consumed <= self.per_rank:
-            raise ValueError(f"consumed must be in [0, {self.per_rank}] chips per rank, got {consumed}")
-        config = {k: getattr(self, k) for k in _CONFIG_KEYS}
-        return {"seed": self.seed, "epoch": self.epoch, "consumed": consumed, **config}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore seed, epoch and position: the next iteration starts after ``state["consumed"]`` chips.
-
-        Raises:
-            ValueError: If the state's configuration differs from this sampler's (its chips would differ).
-        """
-        diff = {k: (state.get(k), getattr(self, k)) for k in _CONFIG_KEYS if state.get(k) != getattr(self, k)}
-        if diff:
-            detail = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
-            raise ValueError(f"cannot resume RandomChipSampler with a different configuration ({detail})")
-        if not 0 <= state["consumed"] <= self.per_rank:
-            raise ValueError(f"consumed must be in [0, {self.per_rank}], got {state['consumed']}")
-        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
-        self._resume = self._yielded = int(state["consumed"])
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        r, row, col = self._epoch_windows(epoch).T
+        size = np.full_like(r, self.size)
+        return np.stack([r, col, row, size, size], axis=1)
 
     def __repr__(self) -> str:
         return (
             f"RandomChipSampler({self.num_rasters} rasters, size={self.size}, "
             f"num_samples={self.num_samples}, max_nodata={self.max_nodata}, seed={self.seed}, "
+            f"epoch={self.epoch}, rank={self.rank}/{self.world_size})"
+        )
+
+
+class ChipListSampler(_EpochSampler):
+    """A fixed list of chips, every epoch in a new seeded order, sharded over DDP ranks.
+
+    For training on a chip table (``geodino sample`` / ``geodino curate`` output, or a chip store's table,
+    through :meth:`RasterCorpus.refs <geodino.data.corpus.RasterCorpus.refs>`): each epoch is the whole list
+    permuted by ``(seed, epoch)``, each rank takes its shard ``rank, rank + world_size, ...`` and yields
+    ``len(refs) // world_size`` chips; resumable mid-epoch like :class:`RandomChipSampler`.
+
+    Args:
+        refs: The chips (at least ``world_size``).
+        shuffle: Permute the list every epoch; False keeps the list order.
+        seed: Non-negative seed of the permutations.
+        rank: This process's rank; from ``torch.distributed`` when initialised, else 0.
+        world_size: Number of ranks; from ``torch.distributed`` when initialised, else 1.
+
+    A saved state records a fingerprint of the list, so a run cannot resume on a different chip table.
+    """
+
+    _config_keys = ("num_samples", "world_size", "shuffle", "fingerprint")
+
+    def __init__(
+        self,
+        refs: Sequence[ChipRef],
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__(len(refs), seed, rank, world_size)
+        self.shuffle = bool(shuffle)
+        rows = [(r, w.col_off, w.row_off, w.width, w.height) for r, w in refs]
+        self._rows = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
+        self.fingerprint = hashlib.sha256(self._rows.tobytes()).hexdigest()[:16]
+
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not self.shuffle:
+            return self._rows
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+        return self._rows[rng.permutation(self.num_samples)]
+
+    def __repr__(self) -> str:
+        return (
+            f"ChipListSampler({self.num_samples} chips, shuffle={self.shuffle}, seed={self.seed}, "
             f"epoch={self.epoch}, rank={self.rank}/{self.world_size})"
         )

@@ -1,10 +1,14 @@
-"""Pretraining data: random chips of a raster corpus, multi-crop augmented, with iBOT masks.
+"""Pretraining data: chips of a raster corpus, multi-crop augmented, with iBOT masks.
 
 :class:`PretrainDataModule` joins the data layer and the augmentation: a :class:`~geodino.data.RasterCorpus`
 (written by ``geodino index``) is sampled by :class:`~geodino.data.RandomChipSampler` (SAT-493M style:
-distinct random chips uniform over the valid area, disjoint across DDP ranks), each chip is read scaled to
-[0, 1], cut into global / local (/ Gram) crops by :class:`~geodino.train.augment.MultiCropAugmentation`,
-and batches get their iBOT masks in :func:`~geodino.train.augment.collate_multicrop`.
+distinct random chips uniform over the valid area, disjoint across DDP ranks), or, given ``chips``, a fixed
+chip set is shuffled every epoch by :class:`~geodino.data.ChipListSampler`: a chip table (``geodino sample``
+or the balanced ``geodino curate``, read from the rasters) or a chip store (``geodino chips``, read from
+zarr, so the rasters need not be on the training machine; the corpus file still gives the scaling). Each
+chip is scaled to [0, 1], cut into global / local (/ Gram) crops by
+:class:`~geodino.train.augment.MultiCropAugmentation`, and batches get their iBOT masks in
+:func:`~geodino.train.augment.collate_multicrop`.
 
 Exact resume: the augmentation of a chip is drawn from an RNG seeded by (seed, chip), and the masks of a
 batch from its chips' seeds, so a batch does not depend on which worker made it or on what came before;
@@ -21,12 +25,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import geopandas as gpd
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from geodino.data import ChipRef, CorpusDataset, RandomChipSampler, RasterCorpus
+from geodino.data import (
+    ChipListSampler,
+    ChipRef,
+    ChipStore,
+    CorpusDataset,
+    RandomChipSampler,
+    RasterCorpus,
+)
 from geodino.models import get_preset
 from geodino.train.augment import MultiCropAugmentation, collate_multicrop
 from geodino.train.masking import MaskingGenerator
@@ -51,16 +63,39 @@ class MultiCropDataset(Dataset):
         corpus: The raster corpus (its scaling maps chips to [0, 1]).
         augmentation: The multi-crop augmentation.
         seed: Run seed; with the chip's window it seeds the chip's augmentation.
+        store: Read the chips from this chip store (written from ``corpus`` by ``geodino chips``) instead
+            of the rasters; the refs are those of its chip table (``corpus.refs(store.chips)``). The
+            pixels, hence the samples, are the same.
     """
 
-    def __init__(self, corpus: RasterCorpus, augmentation: MultiCropAugmentation, seed: int = 0) -> None:
+    def __init__(
+        self,
+        corpus: RasterCorpus,
+        augmentation: MultiCropAugmentation,
+        seed: int = 0,
+        store: ChipStore | None = None,
+    ) -> None:
         self.chips = CorpusDataset(corpus)
         self.augmentation = augmentation
         self.seed = seed
+        self.store = store
+        positions = {} if store is None else {ref: i for i, ref in enumerate(corpus.refs(store.chips))}
+        self._store_positions: dict[ChipRef, int] = positions
+
+    def _read(self, ref: ChipRef) -> tuple[np.ndarray, np.ndarray]:
+        """The chip's pixels scaled to [0, 1] ``float32 [C, h, w]`` and its valid mask ``bool [h, w]``."""
+        if self.store is None:
+            chip = self.chips[ref]
+            return chip.image, chip.valid
+        position = self._store_positions.get(ref)
+        if position is None:
+            raise KeyError(f"{ref} is not a chip of the store {self.store.path}")
+        chip = self.store[position]
+        return self.chips.corpus.scale(chip.image, ref.raster), chip.valid
 
     def __getitem__(self, ref: ChipRef) -> dict[str, Any]:
-        chip = self.chips[ref]
-        image = torch.from_numpy(chip.image) * torch.from_numpy(chip.valid)
+        pixels, valid = self._read(ref)
+        image = torch.from_numpy(pixels) * torch.from_numpy(valid)
         sample_seed = chip_seed(self.seed, ref)
         with torch.random.fork_rng(devices=[]):  # torchvision v2 draws from the global RNG
             torch.manual_seed(sample_seed)
@@ -88,10 +123,14 @@ class MultiCropCollate:
 
 
 class PretrainDataModule(L.LightningDataModule):
-    """Random multi-crop batches from a raster corpus for :class:`~geodino.train.module.DINOv3Module`.
+    """Multi-crop batches from a raster corpus for :class:`~geodino.train.module.DINOv3Module`.
 
     Args:
         corpus: Corpus file written by ``geodino index`` (GeoParquet).
+        chips: A fixed chip set to train on, every epoch all of it in a new order (``chips_per_epoch``,
+            ``chip_size`` and ``max_nodata`` then do not apply): a chip table (GeoParquet written by
+            ``geodino sample`` or ``geodino curate``) or a chip store folder (``geodino chips``), both of
+            ``corpus``. None: new random chips every epoch.
         preset: Backbone preset whose normalisation (mean, std) and patch size the crops use, e.g.
             ``dinov3_vitl16.sat493m``; ``mean`` / ``std`` override it (one value per band).
         batch_size: Images per GPU per step.
@@ -117,6 +156,7 @@ class PretrainDataModule(L.LightningDataModule):
     def __init__(
         self,
         corpus: str,
+        chips: str | None = None,
         preset: str = "dinov3_vitl16.sat493m",
         batch_size: int = 16,
         chips_per_epoch: int = 10_000,
@@ -164,7 +204,8 @@ class PretrainDataModule(L.LightningDataModule):
             MaskingGenerator((grid, grid)), mask_ratio_min_max, mask_sample_probability
         )
         self.corpus: RasterCorpus | None = None
-        self.sampler: RandomChipSampler | None = None
+        self.store: ChipStore | None = None
+        self.sampler: RandomChipSampler | ChipListSampler | None = None
         self._sampler_state: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
@@ -183,19 +224,45 @@ class PretrainDataModule(L.LightningDataModule):
                     "give mean/std with one value per band"
                 )
         if self.sampler is None:
-            self.sampler = RandomChipSampler(
-                self.corpus.valid_maps,
-                size=self.hparams.chip_size,
-                num_samples=self.hparams.chips_per_epoch,
-                max_nodata=self.hparams.max_nodata,
-                seed=self.hparams.seed,
-            )
+            if self.hparams.chips is None:
+                self.sampler = RandomChipSampler(
+                    self.corpus.valid_maps,
+                    size=self.hparams.chip_size,
+                    num_samples=self.hparams.chips_per_epoch,
+                    max_nodata=self.hparams.max_nodata,
+                    seed=self.hparams.seed,
+                )
+            else:
+                self.sampler = ChipListSampler(self._chip_set(self.hparams.chips), seed=self.hparams.seed)
             if self._sampler_state is not None:
                 self.sampler.load_state_dict(self._sampler_state)
 
+    def _chip_set(self, path: str) -> list[ChipRef]:
+        """The chips of a chip table or chip store of the corpus (opening the store into :attr:`store`)."""
+        made_by = "`geodino sample`, `geodino curate` (a table) or `geodino chips` (a store)"
+        if os.path.isdir(path):
+            self.store = ChipStore(path)
+            table = self.store.chips
+            if self.store.bands != self.augmentation.num_bands:
+                raise ValueError(
+                    f"{path}: the chip store holds {self.store.bands} bands but the normalisation has "
+                    f"{self.augmentation.num_bands} values"
+                )
+        elif os.path.isfile(path):
+            table = gpd.read_parquet(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such chip table or chip store; write one with {made_by}")
+        try:
+            return self.corpus.refs(table)
+        except ValueError as err:
+            raise ValueError(
+                f"{path}: {err}; give a chip table or store made from the corpus {self.hparams.corpus} by "
+                f"{made_by}"
+            ) from None
+
     def train_dataloader(self) -> DataLoader:
         """Batches of ``batch_size`` images; the last incomplete batch of an epoch is dropped."""
-        dataset = MultiCropDataset(self.corpus, self.augmentation, seed=self.hparams.seed)
+        dataset = MultiCropDataset(self.corpus, self.augmentation, seed=self.hparams.seed, store=self.store)
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,

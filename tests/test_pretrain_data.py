@@ -1,0 +1,126 @@
+"""PretrainDataModule on a fixed chip set: a chip table (``geodino sample`` / ``geodino curate``) read from
+the rasters, or the chip store written from it (``geodino chips``) read from zarr. Real rasters
+(``shared/data/rasters``, RGB uint8).
+
+1. One epoch of the table trains on every chip exactly once, in the sampler's order, with the samples of
+   :class:`MultiCropDataset` on the corpus; the store gives bit-identical batches (same pixels, scaling,
+   augmentation and masks); epochs differ in order.
+2. Bad chip sets fail with the path and what to give: missing, not a chip table (the corpus file), a table
+   of another corpus.
+3. ``geodino fit --data.chips=<store>`` trains through LightningCLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import pytest
+import torch
+from conftest import shared_path
+
+from geodino.cli import main
+from geodino.data import CorpusDataset, RandomChipSampler, RasterCorpus, write_chip_store
+from geodino.io import write_geoparquet
+from geodino.train.data import MultiCropDataset, PretrainDataModule
+
+RASTERS = ("RGB.byte.tif", "cogeo.tif", "rgbn.tif")
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_tiny.yaml"
+CHIPS, BATCH = 12, 4
+#: Small crops: the tests check data flow, not the augmentation (tested in test_augment.py).
+SIZES = {"global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 2}
+
+
+@pytest.fixture(scope="module")
+def chip_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A corpus of 3 rasters, a table of 12 random 96 px chips of it and the chip store of that table."""
+    folder = tmp_path_factory.mktemp("chipset")
+    rasters = shared_path("data", "rasters")
+    corpus = RasterCorpus.from_paths([rasters / name for name in RASTERS], bands=[1, 2, 3], progress=False)
+    corpus.save(folder / "corpus.parquet")
+    refs = RandomChipSampler(corpus.valid_maps, size=96, num_samples=CHIPS, seed=2).epoch_refs(0)
+    table = corpus.chip_table(refs)
+    write_geoparquet(table, folder / "chips.parquet")
+    write_chip_store(
+        folder / "chips.zarr", CorpusDataset(corpus, table, scaled=False), chips=table, progress=False
+    )
+    return {
+        "corpus": folder / "corpus.parquet",
+        "table": folder / "chips.parquet",
+        "store": folder / "chips.zarr",
+    }
+
+
+def datamodule(corpus: Path, chips: Path | str) -> PretrainDataModule:
+    dm = PretrainDataModule(
+        str(corpus),
+        chips=str(chips),
+        preset="dinov3_vits16.lvd1689m",
+        batch_size=BATCH,
+        num_workers=0,
+        **SIZES,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def epoch_batches(dm: PretrainDataModule, epoch: int) -> list[dict]:
+    dm.sampler.set_epoch(epoch)
+    return list(dm.train_dataloader())
+
+
+def test_chip_table_and_store_give_the_same_epoch_of_every_chip(chip_set: dict[str, Path]) -> None:
+    from_table = datamodule(chip_set["corpus"], chip_set["table"])
+    from_store = datamodule(chip_set["corpus"], chip_set["store"])
+    assert from_table.store is None and from_store.store is not None
+    table_refs = from_table.corpus.refs(gpd.read_parquet(chip_set["table"]))
+    order = from_table.sampler.epoch_refs(0)
+    assert len(order) == CHIPS and set(order) == set(table_refs)  # the whole table, each chip once
+
+    batches = epoch_batches(from_table, 0)
+    assert len(batches) == CHIPS // BATCH
+    # the first batch is MultiCropDataset's samples of the epoch's first chips, collated
+    dataset = MultiCropDataset(from_table.corpus, from_table.augmentation, seed=from_table.hparams.seed)
+    want = from_table.collate([dataset[ref] for ref in order[:BATCH]])
+    for key, value in want.items():
+        torch.testing.assert_close(batches[0][key], value, rtol=0, atol=0, msg=key)
+    # the store holds the raw pixels of the same windows: identical batches, bit for bit
+    for got, expected in zip(epoch_batches(from_store, 0), batches, strict=True):
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    assert from_table.sampler.epoch_refs(1) != order  # a new order every epoch
+
+
+def test_bad_chip_sets_name_the_path_and_the_fix(chip_set: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(
+        FileNotFoundError, match=r"missing\.parquet: no such chip table or chip store.*geodino chips"
+    ):
+        datamodule(chip_set["corpus"], tmp_path / "missing.parquet")
+    with pytest.raises(ValueError, match=r"corpus\.parquet: not a chip table: no columns \['col_off'"):
+        datamodule(chip_set["corpus"], chip_set["corpus"])
+    other = RasterCorpus.from_paths(
+        [shared_path("data", "rasters", "cogeo.tif")], bands=[1, 2, 3], progress=False
+    )
+    other.save(tmp_path / "other.parquet")
+    with pytest.raises(
+        ValueError,
+        match=r"chips\.zarr: chip table names 1 raster\(s\) not in the corpus.*RGB\.byte\.tif.*made from",
+    ):
+        datamodule(tmp_path / "other.parquet", chip_set["store"])
+
+
+def test_fit_on_a_chip_store_through_the_cli(chip_set: dict[str, Path], tmp_path: Path) -> None:
+    args = [
+        "fit",
+        "--config",
+        str(RECIPE),
+        f"--data.corpus={chip_set['corpus']}",
+        f"--data.chips={chip_set['store']}",
+        f"--data.batch_size={BATCH}",
+        "--data.num_workers=0",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+    assert main(args) == 0
+    assert (tmp_path / "teacher_checkpoint.pth").is_file()
