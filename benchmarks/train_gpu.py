@@ -36,8 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from geodino.data import RasterCorpus, make_scene
 from geodino.train import DINOv3Module, ExportTeacher, MaskingGenerator, PretrainDataModule
+from geodino.train.base import clip_grad_norm
 from geodino.train.masking import sample_batch_masks
-from geodino.train.module import clip_grad_norm
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 N_LOCAL = 8

@@ -1,6 +1,7 @@
 """DINOv3 self-supervised pretraining in Lightning: augmentation, heads, losses, the training module, data."""
 
 from geodino.train.augment import MultiCropAugmentation, collate_multicrop
+from geodino.train.base import SSLModule
 from geodino.train.callbacks import ExportTeacher
 from geodino.train.data import PretrainDataModule
 from geodino.train.distill import DEFAULT_DISTILLATION_SCHEDULES, DistillationModule
@@ -32,6 +33,7 @@ __all__ = [
     "MaskingGenerator",
     "MultiCropAugmentation",
     "PretrainDataModule",
+    "SSLModule",
     "Schedule",
     "collate_multicrop",
     "iBOTPatchLoss",

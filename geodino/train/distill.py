@@ -29,36 +29,33 @@ student rank sees the global batch divided by its sub-group size.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from geodino.io import atomic_output
-from geodino.train.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, sinkhorn_knopp
-from geodino.train.module import (
+from geodino.train.base import (
     N_GLOBAL_CROPS,
-    _build_networks,
-    _load_strict,
-    _read_teacher_file,
+    SSLModule,
+    build_networks,
     checkpoint_blocks,
-    clip_grad_norm,
     compile_blocks,
-    configure_fsdp,
     fsdp_inner,
-    grads_sharded,
+    head_sizes,
+    load_strict,
     rank0_state_dict,
+    read_teacher_file,
+    unpack_batch,
 )
+from geodino.train.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from geodino.train.param_groups import param_groups
 from geodino.train.schedules import Schedule
 
@@ -94,7 +91,7 @@ _STUDENT_KEYS = frozenset(
 _STUDENT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(SSLModule):
     """DINO + iBOT + KoLeo distillation of a frozen teacher into one or more students, each with an EMA copy.
 
     The batch is the output of :func:`~geodino.train.augment.collate_multicrop` (as for
@@ -165,9 +162,9 @@ class DistillationModule(L.LightningModule):
             None or 0 = no clipping. Use this, not ``Trainer(gradient_clip_val)``.
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
         activation_checkpointing: Recompute the students' block activations in the backward pass
-            (:func:`~geodino.train.module.checkpoint_blocks`): less memory, the same gradients.
+            (:func:`~geodino.train.base.checkpoint_blocks`): less memory, the same gradients.
         compile: ``torch.compile`` every transformer block of the teacher and the students
-            (:func:`~geodino.train.module.compile_blocks`).
+            (:func:`~geodino.train.base.compile_blocks`).
 
     Strategies, precisions and FSDP sharding work as for :class:`~geodino.train.module.DINOv3Module`
     (``configure_model``, sharded gradient clipping, gathered export, exact resume).
@@ -224,23 +221,17 @@ class DistillationModule(L.LightningModule):
             )
         }
         teacher_heads = {
-            "dino_head": {
-                "out_dim": dino_head_n_prototypes,
-                "hidden_dim": dino_head_hidden_dim,
-                "bottleneck_dim": dino_head_bottleneck_dim,
-                "nlayers": dino_head_nlayers,
-            },
-            "ibot_head": {
-                "out_dim": ibot_head_n_prototypes,
-                "hidden_dim": ibot_head_hidden_dim,
-                "bottleneck_dim": ibot_head_bottleneck_dim,
-                "nlayers": ibot_head_nlayers,
-            },
+            "dino_head": head_sizes(
+                dino_head_n_prototypes, dino_head_hidden_dim, dino_head_bottleneck_dim, dino_head_nlayers
+            ),
+            "ibot_head": head_sizes(
+                ibot_head_n_prototypes, ibot_head_hidden_dim, ibot_head_bottleneck_dim, ibot_head_nlayers
+            ),
         }
-        self.teacher = _build_networks(
+        self.teacher = build_networks(
             backbone, {**(backbone_overrides or {}), "drop_path_rate": 0.0}, teacher_heads
         )
-        _load_strict(self.teacher, _read_teacher_file(teacher_from), teacher_from)
+        load_strict(self.teacher, read_teacher_file(teacher_from), teacher_from)
         self.teacher.requires_grad_(False)
         self.register_load_state_dict_post_hook(_allow_missing_teacher)
 
@@ -249,7 +240,7 @@ class DistillationModule(L.LightningModule):
         for spec in _check_student_specs(students):
             heads = _student_heads(spec, teacher_heads)
             overrides = dict(spec.get("backbone_overrides") or {})
-            student = _build_networks(
+            student = build_networks(
                 spec["backbone"], {**overrides, "drop_path_rate": spec.get("drop_path_rate", 0.0)}, heads
             )
             if student["backbone"].patch_size != self.teacher["backbone"].patch_size:
@@ -258,7 +249,7 @@ class DistillationModule(L.LightningModule):
                     f"teacher {self.teacher['backbone'].patch_size}; the iBOT masks and targets need equal "
                     "patch grids"
                 )
-            ema = _build_networks(spec["backbone"], {**overrides, "drop_path_rate": 0.0}, heads)
+            ema = build_networks(spec["backbone"], {**overrides, "drop_path_rate": 0.0}, heads)
             ema.load_state_dict(student.state_dict())
             self.students[spec["name"]] = student
             self.students_ema[spec["name"]] = ema.requires_grad_(False)
@@ -276,41 +267,11 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ modes and schedules
 
-    def train(self, mode: bool = True) -> DistillationModule:
-        """Sets the students' mode; the teacher and the EMA copies always stay in eval mode."""
-        super().train(mode)
-        self.teacher.eval()
-        self.students_ema.eval()
-        return self
-
-    def schedule_values(self, step: int) -> dict[str, float]:
-        """Every scheduled hyper-parameter at optimisation ``step``, plus the heads' last-layer LR."""
-        values = {name: schedule(step) for name, schedule in self.schedules.items()}
-        values["last_layer_lr"] = 0.0 if step < self.hparams.freeze_last_layer else values["lr"]
-        return values
+    def frozen_networks(self) -> list[nn.Module]:
+        """The teacher and the students' EMA copies: always in eval mode."""
+        return [self.teacher, self.students_ema]
 
     # ------------------------------------------------------------------ forward passes and losses
-
-    @torch.no_grad()
-    def teacher_targets(
-        self, global_crops: Tensor, masks: Tensor, teacher_temp: float
-    ) -> tuple[Tensor, Tensor]:
-        """Sinkhorn-Knopp targets of the frozen teacher on the unmasked global crops.
-
-        Args:
-            global_crops: [2B, C, H, W], crop-major.
-            masks: iBOT masks, bool [2B, P].
-            teacher_temp: Teacher temperature of both centerings.
-
-        Returns:
-            DINO targets [2, B, K_dino] and iBOT targets at the masked patches [M, K_ibot] (rows in the order
-            of ``masks.flatten().nonzero()``).
-        """
-        out = self.teacher["backbone"](global_crops, is_training=True)
-        cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])  # [2B, K]
-        masked_logits = self.teacher["ibot_head"](out["x_norm_patchtokens"][masks])  # [M, K]
-        dino_targets = sinkhorn_knopp(cls_logits, teacher_temp).unflatten(0, (N_GLOBAL_CROPS, -1))
-        return dino_targets, sinkhorn_knopp(masked_logits, teacher_temp)
 
     def student_losses(
         self,
@@ -372,15 +333,7 @@ class DistillationModule(L.LightningModule):
             ``loss`` (the sum of the students' weighted totals, with gradient) and, per student, its total
             ``<name>/loss`` and unweighted terms ``<name>/<term>`` (see :meth:`student_losses`).
         """
-        global_crops = batch["collated_global_crops"]
-        local_crops = batch["collated_local_crops"]
-        masks = batch["collated_masks"].bool()
-        n_images = global_crops.shape[0] // N_GLOBAL_CROPS
-        if global_crops.shape[0] != N_GLOBAL_CROPS * n_images or local_crops.shape[0] % n_images:
-            raise ValueError(
-                f"expected {N_GLOBAL_CROPS}·B global and N·B local crops, got {global_crops.shape[0]} and "
-                f"{local_crops.shape[0]}"
-            )
+        global_crops, local_crops, masks, _ = unpack_batch(batch)
         teacher_temp = self.schedule_values(step)["teacher_temp"]
         dino_targets, ibot_targets = self.teacher_targets(global_crops, masks, teacher_temp)
         losses: dict[str, Tensor] = {}
@@ -391,32 +344,6 @@ class DistillationModule(L.LightningModule):
         return {"loss": total, **losses}
 
     # ------------------------------------------------------------------ Lightning hooks
-
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """One distillation step's forward pass and losses; logs every term and schedule value.
-
-        The global torch RNG (drop-path, RoPE coordinate augmentation of the students) is re-seeded from
-        (``seed``, ``global_step``, ``batch_idx``, ``global_rank``) for the step and restored afterwards, as
-        in :meth:`DINOv3Module.training_step <geodino.train.module.DINOv3Module.training_step>`, so a run
-        resumed from a checkpoint reproduces the uninterrupted run's losses given the same batches.
-
-        Returns:
-            ``{"loss": total, "<name>/<term>": detached term}`` (Lightning back-propagates ``loss``).
-        """
-        step = self.global_step
-        with self._step_rng(step, batch_idx):
-            losses = self.compute_losses(batch, step)
-        n_images = batch["collated_global_crops"].shape[0] // N_GLOBAL_CROPS
-        self.log("train/total_loss", losses["loss"], prog_bar=True, sync_dist=True, batch_size=n_images)
-        terms = {name: value.detach() for name, value in losses.items() if name != "loss"}
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=n_images)
-        values = self.schedule_values(step)
-        self.log_dict({f"train/{k}": v for k, v in values.items()}, batch_size=n_images)
-        return {"loss": losses["loss"], **terms}
-
-    def configure_model(self) -> None:
-        """Under Lightning's ``FSDPStrategy``, shards by :data:`~geodino.train.module.FSDP_UNITS`."""
-        configure_fsdp(self)
 
     def configure_optimizers(self) -> Optimizer:
         """One AdamW over the official parameter groups of every student (layer decay over its own blocks)."""
@@ -430,46 +357,15 @@ class DistillationModule(L.LightningModule):
             )
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(self.hparams.betas))
 
-    def configure_gradient_clipping(
-        self,
-        optimizer: Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clips each student's backbone, DINO head and iBOT head separately to ``clip_grad`` (official).
-
-        Logs each norm before clipping as ``train/<name>/<part>_grad_norm``.
-
-        Raises:
-            ValueError: If ``Trainer(gradient_clip_val=...)`` is set (it would clip all students at once).
-        """
-        if gradient_clip_val:
-            raise ValueError(
-                "DistillationModule clips per student sub-module: set DistillationModule(clip_grad=...) "
-                f"instead of Trainer(gradient_clip_val={gradient_clip_val})"
-            )
-        if not self.hparams.clip_grad:
-            return
-        sharded = grads_sharded(self)
+    def clipped_networks(self) -> Iterator[tuple[str, nn.Module]]:
+        """Each student's backbone, DINO head and iBOT head, clipped separately (official); metrics
+        ``train/<name>/<part>_grad_norm``."""
         for name, student in self.students.items():
             for part, module in student.items():
-                norm = clip_grad_norm(module.parameters(), self.hparams.clip_grad, sharded=sharded)
-                self.log(f"train/{name}/{part}_grad_norm", norm)
+                yield f"{name}/{part}", module
 
-    def optimizer_step(
-        self,
-        epoch: int,
-        batch_idx: int,
-        optimizer: Optimizer,
-        optimizer_closure: Callable[[], Any] | None = None,
-    ) -> None:
-        """Sets this step's LR and weight decay, steps, then updates the students' EMA copies."""
-        values = self.schedule_values(self.global_step)
-        for group in optimizer.param_groups:
-            lr = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
-            group["lr"] = lr * group["lr_multiplier"]
-            group["weight_decay"] = values["weight_decay"] * group["wd_multiplier"]
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+    def after_optimizer_step(self, step: int, values: dict[str, float]) -> None:
+        """EMA update of the students' copies."""
         self.update_ema(values["momentum"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -530,18 +426,6 @@ class DistillationModule(L.LightningModule):
         """
         path = Path(path)
         return list(self.export_students(path.parent, path.name).values())
-
-    # ------------------------------------------------------------------ helpers
-
-    @contextlib.contextmanager
-    def _step_rng(self, step: int, batch_idx: int) -> Iterator[None]:
-        """Global torch RNG (CPU, this CUDA device) seeded by (seed, step, batch, rank); restored on exit."""
-        entropy = (self.hparams.seed, step, batch_idx, self.global_rank)
-        step_seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(step_seed)
-            yield
 
 
 def _allow_missing_teacher(module: nn.Module, incompatible: nn.modules.module._IncompatibleKeys) -> None:

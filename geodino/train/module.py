@@ -24,49 +24,38 @@ tuple, dict of those), so ``save_hyperparameters`` keeps Lightning checkpoints l
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import (
-    FullStateDictConfig,
-    FullyShardedDataParallel,
-    MixedPrecision,
-    ShardingStrategy,
-    StateDictType,
-)
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.optim import Optimizer
 
-from geodino.models import CheckpointError, DinoVisionTransformer, build_backbone
-from geodino.models.block import SelfAttentionBlock
-from geodino.models.checkpoint import describe_mismatch, read_state_dict
-from geodino.train.heads import DINOHead
-from geodino.train.losses import (
-    DINOLoss,
-    GramLoss,
-    KoLeoLoss,
-    iBOTPatchLoss,
-    resize_patch_features,
-    sinkhorn_knopp,
+from geodino.models import build_backbone
+from geodino.models.checkpoint import read_state_dict
+from geodino.train.base import (
+    LOSS_BUFFER_PREFIXES,
+    N_GLOBAL_CROPS,
+    SSLModule,
+    build_networks,
+    checkpoint_blocks,
+    compile_blocks,
+    fsdp_inner,
+    head_sizes,
+    load_strict,
+    rank0_state_dict,
+    read_teacher_file,
+    unpack_batch,
 )
+from geodino.train.losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss, resize_patch_features
 from geodino.train.param_groups import param_groups
 from geodino.train.schedules import Schedule
 
-__all__ = ["DEFAULT_SCHEDULES", "FSDP_UNITS", "DINOv3Module"]
-
-#: Global crops per image (fixed in the official ``SSLMetaArch``).
-N_GLOBAL_CROPS = 2
+__all__ = ["DEFAULT_SCHEDULES", "DINOv3Module"]
 
 #: Schedules used when the matching argument is None: the official SAT / 7B pretraining stage
 #: (``dinov3_vit7b16_pretrain.yaml``, notes §3.7) in optimisation steps. The LR is the effective value for a
@@ -83,20 +72,8 @@ DEFAULT_SCHEDULES: Mapping[str, Schedule] = MappingProxyType(
     }
 )
 
-#: Entries of official teacher checkpoints that are not networks (the unused momentum centres).
-_LOSS_BUFFERS = ("dino_loss.", "ibot_patch_loss.")
 
-#: FSDP units set by :meth:`DINOv3Module.configure_model` under Lightning's ``FSDPStrategy``: every
-#: transformer block, every backbone (its embeddings and final norms) and every head. Student and teacher
-#: networks are then split into identical units, so their local shards line up element for element and the
-#: EMA update runs on the shards without gathering anything.
-FSDP_UNITS = (SelfAttentionBlock, DinoVisionTransformer, DINOHead)
-
-#: FSDP sharding strategies supported: each parameter lives on exactly one rank (or on all of them).
-_FSDP_SHARDINGS = (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP, ShardingStrategy.NO_SHARD)
-
-
-class DINOv3Module(L.LightningModule):
+class DINOv3Module(SSLModule):
     """DINO + iBOT + KoLeo (+ Gram) self-distillation with an EMA teacher (official ``SSLMetaArch``).
 
     The batch is the output of :func:`~geodino.train.augment.collate_multicrop`: ``collated_global_crops``
@@ -175,8 +152,9 @@ class DINOv3Module(L.LightningModule):
     Scaling: one process per GPU with Lightning's ``ddp`` or ``fsdp`` strategy (``Trainer(strategy=...)``),
     any precision (``bf16-mixed`` is the recipe's); ``num_nodes`` and the process ranks come from Lightning's
     cluster environments (``torchrun``, SLURM). Under ``fsdp``, :meth:`configure_model` shards the networks
-    in :data:`FSDP_UNITS`, gradient clipping reduces the norms over the shards and :meth:`export_teacher`
-    gathers the teacher. Neither option changes parameter names in checkpoints or exports.
+    in :data:`~geodino.train.base.FSDP_UNITS`, gradient clipping reduces the norms over the shards and
+    :meth:`export_teacher` gathers the teacher. Neither option changes parameter names in checkpoints or
+    exports.
 
     Note:
         ``init_from`` and ``gram_from`` are read at construction and stored as hyper-parameters, so
@@ -229,36 +207,31 @@ class DINOv3Module(L.LightningModule):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if gram_update_frequency is not None and gram_update_frequency < 1:
             raise ValueError(f"gram_update_frequency must be >= 1 or None, got {gram_update_frequency}")
+        given_schedules = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "teacher_temp": teacher_temp,
+            "dino_local_loss_weight": dino_local_loss_weight,
+            **({"gram_loss_weight": gram_loss_weight} if gram else {}),
+        }
         self.schedules = {
             name: DEFAULT_SCHEDULES[name] if given is None else Schedule(**given)
-            for name, given in (
-                ("lr", lr),
-                ("weight_decay", weight_decay),
-                ("momentum", momentum),
-                ("teacher_temp", teacher_temp),
-                ("dino_local_loss_weight", dino_local_loss_weight),
-                ("gram_loss_weight", gram_loss_weight),
-            )
+            for name, given in given_schedules.items()
         }
         overrides = dict(backbone_overrides or {})
         heads = {
-            "dino_head": {
-                "out_dim": dino_head_n_prototypes,
-                "hidden_dim": dino_head_hidden_dim,
-                "bottleneck_dim": dino_head_bottleneck_dim,
-                "nlayers": dino_head_nlayers,
-            },
-            "ibot_head": {
-                "out_dim": ibot_head_n_prototypes,
-                "hidden_dim": ibot_head_hidden_dim,
-                "bottleneck_dim": ibot_head_bottleneck_dim,
-                "nlayers": ibot_head_nlayers,
-            },
+            "dino_head": head_sizes(
+                dino_head_n_prototypes, dino_head_hidden_dim, dino_head_bottleneck_dim, dino_head_nlayers
+            ),
+            "ibot_head": head_sizes(
+                ibot_head_n_prototypes, ibot_head_hidden_dim, ibot_head_bottleneck_dim, ibot_head_nlayers
+            ),
         }
-        self.student = _build_networks(backbone, {**overrides, "drop_path_rate": drop_path_rate}, heads)
+        self.student = build_networks(backbone, {**overrides, "drop_path_rate": drop_path_rate}, heads)
         if init_from is not None:
-            _load_strict(self.student, _read_teacher_file(init_from), init_from)
-        self.teacher = _build_networks(backbone, {**overrides, "drop_path_rate": 0.0}, heads)
+            load_strict(self.student, read_teacher_file(init_from), init_from)
+        self.teacher = build_networks(backbone, {**overrides, "drop_path_rate": 0.0}, heads)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
 
@@ -273,9 +246,11 @@ class DINOv3Module(L.LightningModule):
                 gram_backbone.load_state_dict(self.teacher["backbone"].state_dict())
             else:
                 state = {
-                    k: v for k, v in read_state_dict(gram_from).items() if not k.startswith(_LOSS_BUFFERS)
+                    k: v
+                    for k, v in read_state_dict(gram_from).items()
+                    if not k.startswith(LOSS_BUFFER_PREFIXES)
                 }
-                _load_strict(gram_backbone, state, gram_from)
+                load_strict(gram_backbone, state, gram_from)
             self.gram_teacher = nn.ModuleDict({"backbone": gram_backbone}).requires_grad_(False)
             self.register_buffer("gram_updates", torch.zeros((), dtype=torch.long))
         if compile:
@@ -288,42 +263,11 @@ class DINOv3Module(L.LightningModule):
 
     # ------------------------------------------------------------------ modes and schedules
 
-    def train(self, mode: bool = True) -> DINOv3Module:
-        """Sets the student's mode; the teacher and Gram teacher always stay in eval mode (official)."""
-        super().train(mode)
-        self.teacher.eval()
-        if self.gram_teacher is not None:
-            self.gram_teacher.eval()
-        return self
-
-    def schedule_values(self, step: int) -> dict[str, float]:
-        """Every scheduled hyper-parameter at optimisation ``step``, plus the heads' last-layer LR."""
-        values = {name: schedule(step) for name, schedule in self.schedules.items()}
-        values["last_layer_lr"] = 0.0 if step < self.hparams.freeze_last_layer else values["lr"]
-        return values
+    def frozen_networks(self) -> list[nn.Module]:
+        """The teacher and the Gram teacher: always in eval mode, whatever ``train()`` is called with."""
+        return [self.teacher] + ([] if self.gram_teacher is None else [self.gram_teacher])
 
     # ------------------------------------------------------------------ forward passes and losses
-
-    @torch.no_grad()
-    def teacher_targets(
-        self, global_crops: Tensor, masks: Tensor, teacher_temp: float
-    ) -> tuple[Tensor, Tensor]:
-        """Sinkhorn-Knopp targets of the EMA teacher on the unmasked global crops.
-
-        Args:
-            global_crops: [2B, C, H, W], crop-major.
-            masks: Student iBOT masks, bool [2B, P].
-            teacher_temp: Teacher temperature of both centerings.
-
-        Returns:
-            DINO targets [2, B, K_dino] and iBOT targets at the masked patches [M, K_ibot] (rows in the order
-            of ``masks.flatten().nonzero()``).
-        """
-        out = self.teacher["backbone"](global_crops, is_training=True)
-        cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])  # [2B, K]
-        masked_logits = self.teacher["ibot_head"](out["x_norm_patchtokens"][masks])  # [M, K]
-        dino_targets = sinkhorn_knopp(cls_logits, teacher_temp).unflatten(0, (N_GLOBAL_CROPS, -1))
-        return dino_targets, sinkhorn_knopp(masked_logits, teacher_temp)
 
     @torch.no_grad()
     def gram_targets(self, gram_crops: Tensor, student_grid: tuple[int, int]) -> Tensor:
@@ -354,15 +298,7 @@ class DINOv3Module(L.LightningModule):
             ``dino_global_crops_loss``, ``koleo_loss`` (mean over the global crops), ``ibot_loss`` and, with
             Gram, ``gram_loss`` (scalars with gradient).
         """
-        global_crops = batch["collated_global_crops"]
-        local_crops = batch["collated_local_crops"]
-        masks = batch["collated_masks"].bool()
-        n_images = global_crops.shape[0] // N_GLOBAL_CROPS
-        if global_crops.shape[0] != N_GLOBAL_CROPS * n_images or local_crops.shape[0] % n_images:
-            raise ValueError(
-                f"expected {N_GLOBAL_CROPS}·B global and N·B local crops, got {global_crops.shape[0]} and "
-                f"{local_crops.shape[0]}"
-            )
+        global_crops, local_crops, masks, n_images = unpack_batch(batch)
         schedules = self.schedule_values(step)
         dino_targets, ibot_targets = self.teacher_targets(global_crops, masks, schedules["teacher_temp"])
 
@@ -405,37 +341,6 @@ class DINOv3Module(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """One official iteration's forward pass and losses; logs every term and schedule value.
-
-        The global torch RNG is re-seeded from (``seed``, ``global_step``, ``batch_idx``, ``global_rank``)
-        for the duration of the step and restored afterwards (``batch_idx`` keeps the micro-batches of one
-        step apart under gradient accumulation). Drop-path and the RoPE coordinate augmentation draw from
-        the global RNG, and Lightning does not checkpoint RNG states, so without this a run resumed from a
-        checkpoint would draw different drop-path subsets and RoPE scales than the uninterrupted run; with
-        it, the resumed run reproduces the next steps' losses exactly given the same batches. Restoring the
-        state keeps the re-seeding from leaking into code outside the step (e.g. in-process augmentation).
-
-        Returns:
-            ``{"loss": total, <term>: detached term}`` (Lightning back-propagates ``loss``).
-        """
-        step = self.global_step
-        with self._step_rng(step, batch_idx):
-            losses = self.compute_losses(batch, step)
-        n_images = batch["collated_global_crops"].shape[0] // N_GLOBAL_CROPS
-        self.log("train/total_loss", losses["loss"], prog_bar=True, sync_dist=True, batch_size=n_images)
-        terms = {name: value.detach() for name, value in losses.items() if name != "loss"}
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=n_images)
-        values = self.schedule_values(step)
-        if self.gram_teacher is None:
-            del values["gram_loss_weight"]
-        self.log_dict({f"train/{k}": v for k, v in values.items()}, batch_size=n_images)
-        return {"loss": losses["loss"], **terms}
-
-    def configure_model(self) -> None:
-        """Under Lightning's ``FSDPStrategy``, shards by :data:`FSDP_UNITS` (see :func:`configure_fsdp`)."""
-        configure_fsdp(self)
-
     def configure_optimizers(self) -> Optimizer:
         """AdamW over the official parameter groups of the student (LR and WD are set at every step)."""
         groups = param_groups(
@@ -446,52 +351,12 @@ class DINOv3Module(L.LightningModule):
         )
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(self.hparams.betas))
 
-    def configure_gradient_clipping(
-        self,
-        optimizer: Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clips the student backbone, DINO head and iBOT head separately to ``clip_grad`` (official).
+    def clipped_networks(self) -> Iterator[tuple[str, nn.Module]]:
+        """The student's backbone, DINO head and iBOT head, clipped separately (official)."""
+        yield from self.student.items()
 
-        Lightning calls this hook before every optimizer step (after AMP unscaling), whatever the
-        ``Trainer``'s ``gradient_clip_val``; the Trainer setting would clip the whole student at once, so it
-        is refused. Logs each sub-module's norm before clipping as ``train/<name>_grad_norm``.
-
-        Raises:
-            ValueError: If ``Trainer(gradient_clip_val=...)`` is set.
-        """
-        if gradient_clip_val:
-            raise ValueError(
-                "DINOv3Module clips per sub-module: set DINOv3Module(clip_grad=...) instead of "
-                f"Trainer(gradient_clip_val={gradient_clip_val})"
-            )
-        if not self.hparams.clip_grad:
-            return
-        sharded = grads_sharded(self)
-        for name, module in self.student.items():
-            norm = clip_grad_norm(module.parameters(), self.hparams.clip_grad, sharded=sharded)
-            self.log(f"train/{name}_grad_norm", norm)
-
-    def optimizer_step(
-        self,
-        epoch: int,
-        batch_idx: int,
-        optimizer: Optimizer,
-        optimizer_closure: Callable[[], Any] | None = None,
-    ) -> None:
-        """Sets this step's LR and weight decay, steps, then updates the EMA teacher and the Gram teacher.
-
-        Called by Lightning once per real optimizer step (not during gradient accumulation), with
-        ``global_step`` still equal to the index of the current step.
-        """
-        step = self.global_step
-        values = self.schedule_values(step)
-        for group in optimizer.param_groups:
-            lr = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
-            group["lr"] = lr * group["lr_multiplier"]
-            group["weight_decay"] = values["weight_decay"] * group["wd_multiplier"]
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+    def after_optimizer_step(self, step: int, values: dict[str, float]) -> None:
+        """EMA update of the teacher, then the Gram-teacher refresh when due."""
         self.update_ema(values["momentum"])
         if self._gram_update_due(step):
             self.update_gram()
@@ -562,165 +427,3 @@ class DINOv3Module(L.LightningModule):
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
-
-    # ------------------------------------------------------------------ helpers
-
-    @contextlib.contextmanager
-    def _step_rng(self, step: int, batch_idx: int) -> Iterator[None]:
-        """Global torch RNG (CPU, this CUDA device) seeded by (seed, step, batch, rank); restored on exit."""
-        entropy = (self.hparams.seed, step, batch_idx, self.global_rank)
-        step_seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(step_seed)
-            yield
-
-
-def checkpoint_blocks(backbone: DinoVisionTransformer) -> None:
-    """Activation checkpointing of every transformer block of ``backbone``, in place.
-
-    Each block is replaced by torch's ``checkpoint_wrapper`` (non-reentrant ``torch.utils.checkpoint``): its
-    inner activations are dropped after the forward pass and recomputed in the backward pass. The RNG state
-    is saved with the inputs and restored for the recomputation, so drop-path draws the same samples and
-    the gradients are those without checkpointing. State-dict keys are unchanged (the wrapper removes its
-    ``_checkpoint_wrapped_module.`` prefix on save and adds it back on load); parameter names gain it.
-    """
-    for i, block in enumerate(backbone.blocks):
-        backbone.blocks[i] = checkpoint_wrapper(block)
-
-
-def compile_blocks(backbone: DinoVisionTransformer) -> None:
-    """``torch.compile`` every transformer block of ``backbone`` in place (``nn.Module.compile``).
-
-    Per block, as the official training (notes §3.7): the list forward over crop sizes, drop-path and the
-    per-block RoPE tables stay in Python, the block's arithmetic is fused. ``nn.Module.compile`` keeps the
-    module object, so names and state-dict keys gain no ``_orig_mod.`` prefix. Every block shares the same
-    compiled code; compilation happens on the first call of each input signature (student training,
-    teacher inference, Gram crops).
-    """
-    for block in backbone.blocks:
-        block.compile()
-
-
-def configure_fsdp(module: L.LightningModule) -> None:
-    """Makes Lightning's ``FSDPStrategy`` shard ``module`` by :data:`FSDP_UNITS` (no-op for other strategies).
-
-    Sets the strategy's ``auto_wrap_policy`` unless one was given; call it from ``configure_model``, which
-    Lightning runs before wrapping the model. With its own policy, the user must keep every student network
-    and its EMA copy in units of equal structure, or the EMA update will fail on mismatched shards. With
-    ``bf16-mixed`` and no ``mixed_precision`` given, FSDP gathers bf16 parameters but reduces gradients in
-    float32 and leaves buffers alone (official: bf16 parameters, fp32 reduce); Lightning's own setting
-    would reduce in bf16 and cast the RoPE and key-bias mask buffers.
-
-    Raises:
-        ValueError: For hybrid sharding (replicas across nodes), which the sharded gradient clipping of
-            :func:`clip_grad_norm` does not handle.
-    """
-    strategy = module._trainer.strategy if module._trainer is not None else None
-    if not isinstance(strategy, FSDPStrategy):
-        return
-    if strategy.sharding_strategy not in _FSDP_SHARDINGS:
-        raise ValueError(
-            f"FSDP sharding_strategy {strategy.sharding_strategy.name} is not supported; use one of "
-            f"{[s.name for s in _FSDP_SHARDINGS]}"
-        )
-    strategy.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(FSDP_UNITS))
-    if strategy.mixed_precision is None and strategy.precision_plugin.precision == "bf16-mixed":
-        strategy.mixed_precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-
-
-def grads_sharded(module: L.LightningModule) -> bool:
-    """Whether each rank holds only a shard of every gradient (FSDP sharding over more than one process)."""
-    strategy = module._trainer.strategy if module._trainer is not None else None
-    return (
-        isinstance(strategy, FSDPStrategy)
-        and strategy.world_size > 1
-        and strategy.sharding_strategy != ShardingStrategy.NO_SHARD
-    )
-
-
-def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float, *, sharded: bool = False) -> Tensor:
-    """Scales the gradients so that their global L2 norm is at most ``max_norm``; returns the norm before.
-
-    Without ``sharded`` this is ``nn.utils.clip_grad_norm_``. With ``sharded`` (FSDP: each rank holds a
-    disjoint shard of every gradient), the squared norms of the local shards are summed over all ranks with
-    one all-reduce, so every rank applies the same factor; every rank must call it.
-    """
-    if not sharded:
-        return nn.utils.clip_grad_norm_(parameters, max_norm=max_norm)
-    params = list(parameters)
-    grads = [p.grad for p in params if p.grad is not None]
-    squared = torch.zeros((), device=params[0].device)
-    if grads:
-        squared = torch.stack(torch._foreach_norm(grads)).float().square().sum()
-    torch.distributed.all_reduce(squared)
-    norm = squared.sqrt()
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    return norm
-
-
-def rank0_state_dict(module: nn.Module) -> dict[str, Tensor] | None:
-    """CPU copies of ``module``'s full state dict on global rank 0; None on the other ranks.
-
-    Under FSDP (``module`` holds FSDP units) the tensors are gathered from the shards, a collective: every
-    rank must call it. Otherwise only rank 0 copies anything. Keys carry no wrapper prefixes.
-    """
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
-        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FullyShardedDataParallel.state_dict_type(module, StateDictType.FULL_STATE_DICT, config):
-            state = module.state_dict()  # empty on ranks other than 0
-    elif rank == 0:
-        state = module.state_dict()
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if rank == 0 else None
-
-
-def fsdp_inner(module: nn.Module) -> nn.Module:
-    """The module an FSDP unit wraps (``module`` itself if it is not one), for unprefixed parameter names."""
-    return module.module if isinstance(module, FullyShardedDataParallel) else module
-
-
-def _build_networks(name: str, overrides: dict[str, Any], heads: dict[str, dict[str, int]]) -> nn.ModuleDict:
-    """``ModuleDict(backbone, dino_head, ibot_head)`` with the official key names."""
-    backbone = build_backbone(name, **overrides)
-    if not isinstance(backbone, DinoVisionTransformer):
-        raise ValueError(f"DINOv3 SSL training needs a ViT preset, {name!r} is a {type(backbone).__name__}")
-    return nn.ModuleDict(
-        {
-            "backbone": backbone,
-            **{head: DINOHead(backbone.embed_dim, **sizes) for head, sizes in heads.items()},
-        }
-    )
-
-
-def _read_teacher_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Backbone and head tensors of a teacher checkpoint, read with ``torch.load(weights_only=True)``.
-
-    Accepts ``{"teacher": state_dict}`` or a bare state dict with ``backbone.``/``dino_head.``/``ibot_head.``
-    keys; the official loss-centre buffers (``dino_loss.*``, ``ibot_patch_loss.*``) are dropped.
-
-    Raises:
-        CheckpointError: Missing or unreadable file, or no tensor state dict inside.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such teacher checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any decoder failure means the same to the user: not a readable checkpoint
-        raise CheckpointError(
-            f"{path}: cannot read as a PyTorch checkpoint ({type(err).__name__}: {err})"
-        ) from err
-    if isinstance(obj, Mapping) and isinstance(obj.get("teacher"), Mapping):
-        obj = obj["teacher"]
-    if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected {{'teacher': state_dict}} or a state dict of tensors")
-    return {k: v for k, v in obj.items() if isinstance(v, Tensor) and not k.startswith(_LOSS_BUFFERS)}
-
-
-def _load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], path: str | os.PathLike) -> None:
-    """``load_state_dict(strict=True)``, raising a :class:`CheckpointError` that lists what does not fit."""
-    report = describe_mismatch(module, state_dict)
-    if report:
-        raise CheckpointError(f"{path} does not fit the configured networks:\n{report}")
-    module.load_state_dict(state_dict, strict=True)

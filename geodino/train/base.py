@@ -1,0 +1,399 @@
+"""What the two self-distillation modules share: the step loop around their losses, and scale helpers.
+
+:class:`SSLModule` is the base of :class:`~geodino.train.module.DINOv3Module` (EMA teacher, pretraining
+stages) and :class:`~geodino.train.distill.DistillationModule` (frozen teacher, several students). It holds
+the official iteration around each subclass's :meth:`~SSLModule.compute_losses`: per-step RNG seeding,
+logging, the teacher's Sinkhorn-Knopp targets, per-submodule gradient clipping, the scheduled LR and weight
+decay of every parameter group, and FSDP sharding. Subclasses keep their own constructor (LightningCLI reads
+its explicit signature) and say what differs through four small methods.
+
+The module-level helpers build and load the networks (official key names, strict loads with readable
+errors) and scale them: activation checkpointing, per-block ``torch.compile``, FSDP units, sharded
+gradient clipping and the gathered state dict of an exported network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import Tensor, nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import (
+    FullStateDictConfig,
+    FullyShardedDataParallel,
+    MixedPrecision,
+    ShardingStrategy,
+    StateDictType,
+)
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.optim import Optimizer
+
+from geodino.models import CheckpointError, DinoVisionTransformer, build_backbone
+from geodino.models.block import SelfAttentionBlock
+from geodino.models.checkpoint import describe_mismatch
+from geodino.train.heads import DINOHead
+from geodino.train.losses import sinkhorn_knopp
+from geodino.train.schedules import Schedule
+
+__all__ = ["FSDP_UNITS", "N_GLOBAL_CROPS", "SSLModule"]
+
+#: Global crops per image (fixed in the official ``SSLMetaArch``).
+N_GLOBAL_CROPS = 2
+
+#: Entries of official teacher checkpoints that are not networks (the unused momentum centres).
+LOSS_BUFFER_PREFIXES = ("dino_loss.", "ibot_patch_loss.")
+
+#: FSDP units set by :meth:`SSLModule.configure_model` under Lightning's ``FSDPStrategy``: every
+#: transformer block, every backbone (its embeddings and final norms) and every head. Student and teacher
+#: networks are then split into identical units, so their local shards line up element for element and the
+#: EMA update runs on the shards without gathering anything.
+FSDP_UNITS = (SelfAttentionBlock, DinoVisionTransformer, DINOHead)
+
+#: FSDP sharding strategies supported: each parameter lives on exactly one rank (or on all of them).
+_FSDP_SHARDINGS = (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP, ShardingStrategy.NO_SHARD)
+
+
+class SSLModule(L.LightningModule):
+    """Base of the DINOv3 self-distillation modules: the official iteration around :meth:`compute_losses`.
+
+    A subclass sets, in its constructor, ``self.schedules`` (name -> :class:`Schedule`, with at least
+    ``lr``, ``weight_decay``, ``momentum`` and ``teacher_temp``) and ``self.teacher`` (``ModuleDict(backbone,
+    dino_head, ibot_head)`` that gives the targets), has the hyper-parameters ``seed``, ``freeze_last_layer``
+    and ``clip_grad``, and implements :meth:`compute_losses`, :meth:`frozen_networks`,
+    :meth:`clipped_networks` and :meth:`after_optimizer_step`.
+    """
+
+    schedules: dict[str, Schedule]
+    teacher: nn.ModuleDict
+
+    # ------------------------------------------------------------------ what subclasses implement
+
+    def compute_losses(self, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
+        """``loss`` (the weighted total, with gradient) and the logged terms of one step's batch."""
+        raise NotImplementedError
+
+    def frozen_networks(self) -> list[nn.Module]:
+        """The networks that never train and always stay in eval mode (teachers, EMA copies)."""
+        raise NotImplementedError
+
+    def clipped_networks(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(metric name, module)`` of every network clipped separately to ``clip_grad``."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int, values: dict[str, float]) -> None:
+        """Runs after the optimizer step ``step`` with that step's schedule values (EMA updates)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ modes and schedules
+
+    def train(self, mode: bool = True) -> SSLModule:
+        """Sets the training mode of the trained networks; :meth:`frozen_networks` always stay in eval."""
+        super().train(mode)
+        for module in self.frozen_networks():
+            module.eval()
+        return self
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        """Every scheduled hyper-parameter at optimisation ``step``, plus the heads' last-layer LR."""
+        values = {name: schedule(step) for name, schedule in self.schedules.items()}
+        values["last_layer_lr"] = 0.0 if step < self.hparams.freeze_last_layer else values["lr"]
+        return values
+
+    # ------------------------------------------------------------------ teacher targets
+
+    @torch.no_grad()
+    def teacher_targets(
+        self, global_crops: Tensor, masks: Tensor, teacher_temp: float
+    ) -> tuple[Tensor, Tensor]:
+        """Sinkhorn-Knopp targets of the teacher on the unmasked global crops.
+
+        Args:
+            global_crops: [2B, C, H, W], crop-major.
+            masks: Student iBOT masks, bool [2B, P].
+            teacher_temp: Teacher temperature of both centerings.
+
+        Returns:
+            DINO targets [2, B, K_dino] and iBOT targets at the masked patches [M, K_ibot] (rows in the order
+            of ``masks.flatten().nonzero()``).
+        """
+        out = self.teacher["backbone"](global_crops, is_training=True)
+        cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])  # [2B, K]
+        masked_logits = self.teacher["ibot_head"](out["x_norm_patchtokens"][masks])  # [M, K]
+        dino_targets = sinkhorn_knopp(cls_logits, teacher_temp).unflatten(0, (N_GLOBAL_CROPS, -1))
+        return dino_targets, sinkhorn_knopp(masked_logits, teacher_temp)
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """One step's forward pass and losses; logs every term and schedule value.
+
+        The global torch RNG is re-seeded from (``seed``, ``global_step``, ``batch_idx``, ``global_rank``)
+        for the duration of the step and restored afterwards (``batch_idx`` keeps the micro-batches of one
+        step apart under gradient accumulation). Drop-path and the RoPE coordinate augmentation draw from
+        the global RNG, and Lightning does not checkpoint RNG states, so without this a run resumed from a
+        checkpoint would draw different drop-path subsets and RoPE scales than the uninterrupted run; with
+        it, the resumed run reproduces the next steps' losses exactly given the same batches. Restoring the
+        state keeps the re-seeding from leaking into code outside the step (e.g. in-process augmentation).
+
+        Returns:
+            ``{"loss": total, <term>: detached term}`` (Lightning back-propagates ``loss``).
+        """
+        step = self.global_step
+        with self._step_rng(step, batch_idx):
+            losses = self.compute_losses(batch, step)
+        n_images = batch["collated_global_crops"].shape[0] // N_GLOBAL_CROPS
+        self.log("train/total_loss", losses["loss"], prog_bar=True, sync_dist=True, batch_size=n_images)
+        terms = {name: value.detach() for name, value in losses.items() if name != "loss"}
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=n_images)
+        values = self.schedule_values(step)
+        self.log_dict({f"train/{k}": v for k, v in values.items()}, batch_size=n_images)
+        return {"loss": losses["loss"], **terms}
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``FSDPStrategy``, shards by :data:`FSDP_UNITS` (see :func:`configure_fsdp`)."""
+        configure_fsdp(self)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clips every network of :meth:`clipped_networks` separately to ``clip_grad`` (official).
+
+        Lightning calls this hook before every optimizer step (after AMP unscaling), whatever the
+        ``Trainer``'s ``gradient_clip_val``; the Trainer setting would clip all networks at once, so it is
+        refused. Logs each network's norm before clipping as ``train/<name>_grad_norm``.
+
+        Raises:
+            ValueError: If ``Trainer(gradient_clip_val=...)`` is set.
+        """
+        name = type(self).__name__
+        if gradient_clip_val:
+            raise ValueError(
+                f"{name} clips per sub-module: set {name}(clip_grad=...) instead of "
+                f"Trainer(gradient_clip_val={gradient_clip_val})"
+            )
+        if not self.hparams.clip_grad:
+            return
+        sharded = grads_sharded(self)
+        for metric, module in self.clipped_networks():
+            norm = clip_grad_norm(module.parameters(), self.hparams.clip_grad, sharded=sharded)
+            self.log(f"train/{metric}_grad_norm", norm)
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Optimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Sets this step's LR and weight decay, steps, then :meth:`after_optimizer_step`.
+
+        Called by Lightning once per real optimizer step (not during gradient accumulation), with
+        ``global_step`` still equal to the index of the current step.
+        """
+        step = self.global_step
+        values = self.schedule_values(step)
+        for group in optimizer.param_groups:
+            lr = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
+            group["lr"] = lr * group["lr_multiplier"]
+            group["weight_decay"] = values["weight_decay"] * group["wd_multiplier"]
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.after_optimizer_step(step, values)
+
+    @contextlib.contextmanager
+    def _step_rng(self, step: int, batch_idx: int) -> Iterator[None]:
+        """Global torch RNG (CPU, this CUDA device) seeded by (seed, step, batch, rank); restored on exit."""
+        entropy = (self.hparams.seed, step, batch_idx, self.global_rank)
+        step_seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(step_seed)
+            yield
+
+
+def checkpoint_blocks(backbone: DinoVisionTransformer) -> None:
+    """Activation checkpointing of every transformer block of ``backbone``, in place.
+
+    Each block is replaced by torch's ``checkpoint_wrapper`` (non-reentrant ``torch.utils.checkpoint``): its
+    inner activations are dropped after the forward pass and recomputed in the backward pass. The RNG state
+    is saved with the inputs and restored for the recomputation, so drop-path draws the same samples and
+    the gradients are those without checkpointing. State-dict keys are unchanged (the wrapper removes its
+    ``_checkpoint_wrapped_module.`` prefix on save and adds it back on load); parameter names gain it.
+    """
+    for i, block in enumerate(backbone.blocks):
+        backbone.blocks[i] = checkpoint_wrapper(block)
+
+
+def compile_blocks(backbone: DinoVisionTransformer) -> None:
+    """``torch.compile`` every transformer block of ``backbone`` in place (``nn.Module.compile``).
+
+    Per block, as the official training (notes §3.7): the list forward over crop sizes, drop-path and the
+    per-block RoPE tables stay in Python, the block's arithmetic is fused. ``nn.Module.compile`` keeps the
+    module object, so names and state-dict keys gain no ``_orig_mod.`` prefix. Every block shares the same
+    compiled code; compilation happens on the first call of each input signature (student training,
+    teacher inference, Gram crops).
+    """
+    for block in backbone.blocks:
+        block.compile()
+
+
+def configure_fsdp(module: L.LightningModule) -> None:
+    """Makes Lightning's ``FSDPStrategy`` shard ``module`` by :data:`FSDP_UNITS` (no-op for other strategies).
+
+    Sets the strategy's ``auto_wrap_policy`` unless one was given; call it from ``configure_model``, which
+    Lightning runs before wrapping the model. With its own policy, the user must keep every student network
+    and its EMA copy in units of equal structure, or the EMA update will fail on mismatched shards. With
+    ``bf16-mixed`` and no ``mixed_precision`` given, FSDP gathers bf16 parameters but reduces gradients in
+    float32 and leaves buffers alone (official: bf16 parameters, fp32 reduce); Lightning's own setting
+    would reduce in bf16 and cast the RoPE and key-bias mask buffers.
+
+    Raises:
+        ValueError: For hybrid sharding (replicas across nodes), which the sharded gradient clipping of
+            :func:`clip_grad_norm` does not handle.
+    """
+    strategy = module._trainer.strategy if module._trainer is not None else None
+    if not isinstance(strategy, FSDPStrategy):
+        return
+    if strategy.sharding_strategy not in _FSDP_SHARDINGS:
+        raise ValueError(
+            f"FSDP sharding_strategy {strategy.sharding_strategy.name} is not supported; use one of "
+            f"{[s.name for s in _FSDP_SHARDINGS]}"
+        )
+    strategy.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(FSDP_UNITS))
+    if strategy.mixed_precision is None and strategy.precision_plugin.precision == "bf16-mixed":
+        strategy.mixed_precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def grads_sharded(module: L.LightningModule) -> bool:
+    """Whether each rank holds only a shard of every gradient (FSDP sharding over more than one process)."""
+    strategy = module._trainer.strategy if module._trainer is not None else None
+    return (
+        isinstance(strategy, FSDPStrategy)
+        and strategy.world_size > 1
+        and strategy.sharding_strategy != ShardingStrategy.NO_SHARD
+    )
+
+
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float, *, sharded: bool = False) -> Tensor:
+    """Scales the gradients so that their global L2 norm is at most ``max_norm``; returns the norm before.
+
+    Without ``sharded`` this is ``nn.utils.clip_grad_norm_``. With ``sharded`` (FSDP: each rank holds a
+    disjoint shard of every gradient), the squared norms of the local shards are summed over all ranks with
+    one all-reduce, so every rank applies the same factor; every rank must call it.
+    """
+    if not sharded:
+        return nn.utils.clip_grad_norm_(parameters, max_norm=max_norm)
+    params = list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    squared = torch.zeros((), device=params[0].device)
+    if grads:
+        squared = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+    torch.distributed.all_reduce(squared)
+    norm = squared.sqrt()
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+
+
+def rank0_state_dict(module: nn.Module) -> dict[str, Tensor] | None:
+    """CPU copies of ``module``'s full state dict on global rank 0; None on the other ranks.
+
+    Under FSDP (``module`` holds FSDP units) the tensors are gathered from the shards, a collective: every
+    rank must call it. Otherwise only rank 0 copies anything. Keys carry no wrapper prefixes.
+    """
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(module, StateDictType.FULL_STATE_DICT, config):
+            state = module.state_dict()  # empty on ranks other than 0
+    elif rank == 0:
+        state = module.state_dict()
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if rank == 0 else None
+
+
+def fsdp_inner(module: nn.Module) -> nn.Module:
+    """The module an FSDP unit wraps (``module`` itself if it is not one), for unprefixed parameter names."""
+    return module.module if isinstance(module, FullyShardedDataParallel) else module
+
+
+def head_sizes(n_prototypes: int, hidden_dim: int, bottleneck_dim: int, nlayers: int) -> dict[str, int]:
+    """Keywords of one :class:`~geodino.train.heads.DINOHead` (besides its input width)."""
+    return {
+        "out_dim": n_prototypes,
+        "hidden_dim": hidden_dim,
+        "bottleneck_dim": bottleneck_dim,
+        "nlayers": nlayers,
+    }
+
+
+def unpack_batch(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Global crops [2B, C, H, W], local crops [N·B, C, h, w], bool iBOT masks [2B, P] and B of a
+    :func:`~geodino.train.augment.collate_multicrop` batch.
+
+    Raises:
+        ValueError: If the crop counts are not 2·B and a multiple of B.
+    """
+    global_crops = batch["collated_global_crops"]
+    local_crops = batch["collated_local_crops"]
+    n_images = global_crops.shape[0] // N_GLOBAL_CROPS
+    if global_crops.shape[0] != N_GLOBAL_CROPS * n_images or local_crops.shape[0] % n_images:
+        raise ValueError(
+            f"expected {N_GLOBAL_CROPS}·B global and N·B local crops, got {global_crops.shape[0]} and "
+            f"{local_crops.shape[0]}"
+        )
+    return global_crops, local_crops, batch["collated_masks"].bool(), n_images
+
+
+def build_networks(name: str, overrides: dict[str, Any], heads: dict[str, dict[str, int]]) -> nn.ModuleDict:
+    """``ModuleDict(backbone, dino_head, ibot_head)`` with the official key names."""
+    backbone = build_backbone(name, **overrides)
+    if not isinstance(backbone, DinoVisionTransformer):
+        raise ValueError(f"DINOv3 SSL training needs a ViT preset, {name!r} is a {type(backbone).__name__}")
+    return nn.ModuleDict(
+        {
+            "backbone": backbone,
+            **{head: DINOHead(backbone.embed_dim, **sizes) for head, sizes in heads.items()},
+        }
+    )
+
+
+def read_teacher_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Backbone and head tensors of a teacher checkpoint, read with ``torch.load(weights_only=True)``.
+
+    Accepts ``{"teacher": state_dict}`` or a bare state dict with ``backbone.``/``dino_head.``/``ibot_head.``
+    keys; the official loss-centre buffers (``dino_loss.*``, ``ibot_patch_loss.*``) are dropped.
+
+    Raises:
+        CheckpointError: Missing or unreadable file, or no tensor state dict inside.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such teacher checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any decoder failure means the same to the user: not a readable checkpoint
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    if isinstance(obj, Mapping) and isinstance(obj.get("teacher"), Mapping):
+        obj = obj["teacher"]
+    if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected {{'teacher': state_dict}} or a state dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, Tensor) and not k.startswith(LOSS_BUFFER_PREFIXES)}
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """``load_state_dict(strict=True)``, raising a :class:`CheckpointError` that lists what does not fit."""
+    report = describe_mismatch(module, state_dict)
+    if report:
+        raise CheckpointError(f"{path} does not fit the configured networks:\n{report}")
+    module.load_state_dict(state_dict, strict=True)
