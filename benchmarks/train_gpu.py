@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from geodino.data import RasterCorpus, make_scene
 from geodino.train import DINOv3Module, ExportTeacher, MaskingGenerator, PretrainDataModule
+from geodino.train.augment import masked_patch_index
 from geodino.train.base import clip_grad_norm
 from geodino.train.masking import sample_batch_masks
 
@@ -89,13 +90,17 @@ def sync(device: torch.device) -> None:
 
 
 def random_batch(b: int, args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random crops of ``b`` images with the official iBOT mask rule (half the global crops masked)."""
+    """Random crops of ``b`` images with the official iBOT mask rule (half the global crops masked) and the
+    masked-patch indices and weights that the collate computes."""
     grid = args.global_size // 16
     masks = sample_batch_masks(2 * b, MaskingGenerator((grid, grid)), np.random.default_rng(0))
+    indices, weights = masked_patch_index(masks)  # on the CPU, as the collate does
     return {
         "collated_global_crops": torch.randn(2 * b, 3, args.global_size, args.global_size, device=device),
         "collated_local_crops": torch.randn(N_LOCAL * b, 3, args.local_size, args.local_size, device=device),
         "collated_masks": masks.to(device),
+        "mask_indices_list": indices.to(device),
+        "masks_weight": weights.to(device),
     }
 
 

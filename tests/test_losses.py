@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from geodino.train.augment import masked_patch_index
 from geodino.train.losses import (
     DINOLoss,
     GramLoss,
@@ -223,7 +224,9 @@ def test_ibot_matches_naive_per_image_weighting() -> None:
     n_masked = int(masks.sum())
     student = torch.randn(n_masked, k, requires_grad=True)
     teacher = torch.softmax(torch.randn(n_masked, k), dim=-1)
-    loss = iBOTPatchLoss()(student, teacher, masks)
+    indices, weights = masked_patch_index(masks)
+    assert indices.tolist() == masks.flatten().nonzero().flatten().tolist()
+    loss = iBOTPatchLoss()(student, teacher, weights, n_images)
 
     total, row = 0.0, 0
     for image in range(n_images):
@@ -241,8 +244,9 @@ def test_ibot_matches_naive_per_image_weighting() -> None:
 def test_ibot_rejects_row_count_mismatch() -> None:
     masks = torch.zeros(2, 4, dtype=torch.bool)
     masks[0, 0] = True
-    with pytest.raises(ValueError, match="masked-patch rows"):
-        iBOTPatchLoss()(torch.randn(2, 3), torch.rand(2, 3), masks)
+    _, weights = masked_patch_index(masks)
+    with pytest.raises(ValueError, match="expected 1 masked-patch rows"):
+        iBOTPatchLoss()(torch.randn(2, 3), torch.rand(2, 3), weights, 2)
 
 
 # ---------------------------------------------------------------- KoLeo

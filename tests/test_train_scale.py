@@ -49,8 +49,10 @@ from torch.distributed.fsdp import (
     OptimStateKeyType,
     StateDictType,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
+from geodino.train.augment import masked_patch_index
 from geodino.train.distill import DistillationModule
 from geodino.train.masking import MaskingGenerator, sample_batch_masks
 from geodino.train.module import DINOv3Module
@@ -216,6 +218,38 @@ def test_checkpointing_and_compile_keep_stored_names(tmp_path: Path, monkeypatch
     for name, grad in grads.items():
         torch.testing.assert_close(grads_scaled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     torch._dynamo.reset()
+
+
+#: Operators that make the host wait for the device (their output size or value is data-dependent).
+SYNCING_OPS = ("aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "aten.is_nonzero")
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every ATen operator that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "distill"])
+def test_step_waits_for_no_device_value_given_the_collated_mask_indices(
+    kind: str, teacher_file: Path
+) -> None:
+    """With the collate's ``mask_indices_list`` / ``masks_weight`` (computed on the CPU), forward and backward
+    of a step run no operator whose result size or value the host must wait for (on a GPU each would stall
+    the launch queue: boolean-mask indexing, ``.item()``); without them the indices are computed once."""
+    module = tiny_module() if kind == "pretrain" else tiny_distiller(teacher_file)
+    batch = random_batch(0)
+    indices, weights = masked_patch_index(batch["collated_masks"])
+    for given, syncs in (({"mask_indices_list": indices, "masks_weight": weights}, False), ({}, True)):
+        with RecordOps() as record:
+            module.compute_losses({**batch, **given}, step=0)["loss"].backward()
+        assert bool(record.names & set(SYNCING_OPS)) == syncs, record.names & set(SYNCING_OPS)
 
 
 # ---------------------------------------------------------------- FSDP on CPU processes

@@ -268,6 +268,21 @@ class MultiCropAugmentation:
         return output
 
 
+def masked_patch_index(masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat indices and loss weights of the masked patches of ``masks`` (bool [2B, P]).
+
+    Returns:
+        ``long [M]``: indices of the masked patches in ``masks.flatten()`` (image-major, then patch), which
+        select their tokens as ``tokens.flatten(0, 1).index_select(0, indices)``; and ``float [M]``: per
+        masked patch ``1 / (masked patches of its image)``. Computed where ``masks`` lives: on a GPU this
+        waits for the device (M is data-dependent), so the collate computes them on the CPU.
+    """
+    indices = masks.flatten().nonzero().flatten()
+    per_image = masks.sum(-1, keepdim=True).clamp(min=1)
+    weights = (1 / per_image).expand_as(masks).flatten().index_select(0, indices)
+    return indices, weights
+
+
 def collate_multicrop(
     samples: Sequence[Mapping[str, Sequence[Tensor]]],
     mask_generator: MaskingGenerator,
@@ -310,9 +325,7 @@ def collate_multicrop(
     collated_masks = sample_batch_masks(
         len(collated_global_crops), mask_generator, rng, mask_ratio_min_max, mask_sample_probability
     )
-    mask_indices_list = collated_masks.flatten().nonzero().flatten()
-    masks_per_image = collated_masks.sum(-1, keepdim=True).clamp(min=1)
-    masks_weight = (1 / masks_per_image).expand_as(collated_masks)[collated_masks]
+    mask_indices_list, masks_weight = masked_patch_index(collated_masks)
     output = {
         "collated_global_crops": collated_global_crops,
         "collated_local_crops": crop_major("local_crops"),

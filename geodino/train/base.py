@@ -18,7 +18,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 from geodino.models import CheckpointError, DinoVisionTransformer, build_backbone
 from geodino.models.block import SelfAttentionBlock
 from geodino.models.checkpoint import describe_mismatch
+from geodino.train.augment import masked_patch_index
 from geodino.train.heads import DINOHead
 from geodino.train.losses import sinkhorn_knopp
 from geodino.train.schedules import Schedule
@@ -111,22 +112,22 @@ class SSLModule(L.LightningModule):
 
     @torch.no_grad()
     def teacher_targets(
-        self, global_crops: Tensor, masks: Tensor, teacher_temp: float
+        self, global_crops: Tensor, mask_indices: Tensor, teacher_temp: float
     ) -> tuple[Tensor, Tensor]:
         """Sinkhorn-Knopp targets of the teacher on the unmasked global crops.
 
         Args:
             global_crops: [2B, C, H, W], crop-major.
-            masks: Student iBOT masks, bool [2B, P].
+            mask_indices: The student's masked patches, long [M] indices into the flattened [2B, P] masks.
             teacher_temp: Teacher temperature of both centerings.
 
         Returns:
             DINO targets [2, B, K_dino] and iBOT targets at the masked patches [M, K_ibot] (rows in the order
-            of ``masks.flatten().nonzero()``).
+            of ``mask_indices``).
         """
         out = self.teacher["backbone"](global_crops, is_training=True)
         cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])  # [2B, K]
-        masked_logits = self.teacher["ibot_head"](out["x_norm_patchtokens"][masks])  # [M, K]
+        masked_logits = self.teacher["ibot_head"](masked_tokens(out["x_norm_patchtokens"], mask_indices))
         dino_targets = sinkhorn_knopp(cls_logits, teacher_temp).unflatten(0, (N_GLOBAL_CROPS, -1))
         return dino_targets, sinkhorn_knopp(masked_logits, teacher_temp)
 
@@ -335,9 +336,23 @@ def head_sizes(n_prototypes: int, hidden_dim: int, bottleneck_dim: int, nlayers:
     }
 
 
-def unpack_batch(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Global crops [2B, C, H, W], local crops [N·B, C, h, w], bool iBOT masks [2B, P] and B of a
-    :func:`~geodino.train.augment.collate_multicrop` batch.
+class CropBatch(NamedTuple):
+    """The parts of a :func:`~geodino.train.augment.collate_multicrop` batch that every step reads."""
+
+    global_crops: Tensor  #: [2B, C, H, W], crop-major
+    local_crops: Tensor  #: [N·B, C, h, w], crop-major
+    masks: Tensor  #: bool [2B, P], the iBOT masks of the global crops
+    mask_indices: Tensor  #: long [M], masked patches in ``masks.flatten()``
+    masks_weight: Tensor  #: float [M], 1 / (masked patches of the patch's image)
+    n_images: int  #: B
+
+
+def unpack_batch(batch: Mapping[str, Tensor]) -> CropBatch:
+    """The crops, masks and masked-patch indices and weights of a multi-crop batch.
+
+    The indices and weights are the collate's ``mask_indices_list`` and ``masks_weight`` (computed on the
+    CPU); a batch without them gets them from :func:`~geodino.train.augment.masked_patch_index`, which on a
+    GPU waits for the device once.
 
     Raises:
         ValueError: If the crop counts are not 2·B and a multiple of B.
@@ -350,7 +365,17 @@ def unpack_batch(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, i
             f"expected {N_GLOBAL_CROPS}·B global and N·B local crops, got {global_crops.shape[0]} and "
             f"{local_crops.shape[0]}"
         )
-    return global_crops, local_crops, batch["collated_masks"].bool(), n_images
+    masks = batch["collated_masks"].bool()
+    if "mask_indices_list" in batch:
+        indices, weights = batch["mask_indices_list"], batch["masks_weight"]
+    else:
+        indices, weights = masked_patch_index(masks)
+    return CropBatch(global_crops, local_crops, masks, indices, weights, n_images)
+
+
+def masked_tokens(patch_tokens: Tensor, mask_indices: Tensor) -> Tensor:
+    """The tokens [M, D] of the masked patches of ``patch_tokens`` [2B, P, D] (no device synchronisation)."""
+    return patch_tokens.flatten(0, 1).index_select(0, mask_indices)
 
 
 def build_networks(name: str, overrides: dict[str, Any], heads: dict[str, dict[str, int]]) -> nn.ModuleDict:

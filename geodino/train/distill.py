@@ -44,6 +44,7 @@ from torch.optim import Optimizer
 from geodino.io import atomic_output
 from geodino.train.base import (
     N_GLOBAL_CROPS,
+    CropBatch,
     SSLModule,
     build_networks,
     checkpoint_blocks,
@@ -51,6 +52,7 @@ from geodino.train.base import (
     fsdp_inner,
     head_sizes,
     load_strict,
+    masked_tokens,
     rank0_state_dict,
     read_teacher_file,
     unpack_batch,
@@ -276,9 +278,7 @@ class DistillationModule(SSLModule):
     def student_losses(
         self,
         student: nn.ModuleDict,
-        global_crops: Tensor,
-        local_crops: Tensor,
-        masks: Tensor,
+        crops: CropBatch,
         dino_targets: Tensor,
         ibot_targets: Tensor,
     ) -> dict[str, Tensor]:
@@ -286,9 +286,9 @@ class DistillationModule(SSLModule):
 
         Args:
             student: ``ModuleDict(backbone, dino_head, ibot_head)``.
-            global_crops: [2B, C, H, W], crop-major; the student sees them unmasked (official distillation).
-            local_crops: [N·B, C, h, w], crop-major, N ≥ 1.
-            masks: iBOT masks, bool [2B, P]: the patches whose student tokens iBOT compares.
+            crops: The batch's crops (:func:`~geodino.train.base.unpack_batch`): the student sees the global
+                crops unmasked (official distillation); the masks only select the patches whose student
+                tokens iBOT compares.
             dino_targets: Teacher DINO targets [2, B, K_dino].
             ibot_targets: Teacher iBOT targets at the masked patches [M, K_ibot].
 
@@ -297,12 +297,15 @@ class DistillationModule(SSLModule):
             ``dino_global_crops_loss``, ``koleo_loss`` (mean over the global crops) and ``ibot_loss``
             (scalars with gradient).
         """
-        n_images = global_crops.shape[0] // N_GLOBAL_CROPS
-        student_global, student_local = student["backbone"]([global_crops, local_crops], is_training=True)
+        n_images = crops.n_images
+        student_global, student_local = student["backbone"](
+            [crops.global_crops, crops.local_crops], is_training=True
+        )
         global_cls = student_global["x_norm_clstoken"]  # [2B, D]
         cls_logits = student["dino_head"](torch.cat([global_cls, student_local["x_norm_clstoken"]]))
-        global_logits, local_logits = cls_logits.split([global_cls.shape[0], local_crops.shape[0]])
-        masked_logits = student["ibot_head"](student_global["x_norm_patchtokens"][masks])  # [M, K]
+        global_logits, local_logits = cls_logits.split([global_cls.shape[0], crops.local_crops.shape[0]])
+        masked_patches = masked_tokens(student_global["x_norm_patchtokens"], crops.mask_indices)  # [M, D]
+        masked_logits = student["ibot_head"](masked_patches)  # [M, K]
 
         dino_terms = self.dino_loss(
             global_logits.unflatten(0, (N_GLOBAL_CROPS, n_images)),
@@ -313,7 +316,9 @@ class DistillationModule(SSLModule):
             "dino_local_crops_loss": dino_terms.local_loss,
             "dino_global_crops_loss": dino_terms.global_loss,
             "koleo_loss": self.koleo_loss(global_cls.unflatten(0, (N_GLOBAL_CROPS, n_images))),
-            "ibot_loss": self.ibot_patch_loss(masked_logits, ibot_targets, masks),
+            "ibot_loss": self.ibot_patch_loss(
+                masked_logits, ibot_targets, crops.masks_weight, crops.masks.shape[0]
+            ),
         }
         loss = (
             self.hparams.dino_loss_weight * dino_terms.total()
@@ -333,12 +338,14 @@ class DistillationModule(SSLModule):
             ``loss`` (the sum of the students' weighted totals, with gradient) and, per student, its total
             ``<name>/loss`` and unweighted terms ``<name>/<term>`` (see :meth:`student_losses`).
         """
-        global_crops, local_crops, masks, _ = unpack_batch(batch)
+        crops = unpack_batch(batch)
         teacher_temp = self.schedule_values(step)["teacher_temp"]
-        dino_targets, ibot_targets = self.teacher_targets(global_crops, masks, teacher_temp)
+        dino_targets, ibot_targets = self.teacher_targets(
+            crops.global_crops, crops.mask_indices, teacher_temp
+        )
         losses: dict[str, Tensor] = {}
         for name, student in self.students.items():
-            terms = self.student_losses(student, global_crops, local_crops, masks, dino_targets, ibot_targets)
+            terms = self.student_losses(student, crops, dino_targets, ibot_targets)
             losses.update({f"{name}/{term}": value for term, value in terms.items()})
         total = torch.stack([losses[f"{name}/loss"] for name in self.students]).sum()
         return {"loss": total, **losses}

@@ -47,6 +47,7 @@ from geodino.train.base import (
     fsdp_inner,
     head_sizes,
     load_strict,
+    masked_tokens,
     rank0_state_dict,
     read_teacher_file,
     unpack_batch,
@@ -298,9 +299,11 @@ class DINOv3Module(SSLModule):
             ``dino_global_crops_loss``, ``koleo_loss`` (mean over the global crops), ``ibot_loss`` and, with
             Gram, ``gram_loss`` (scalars with gradient).
         """
-        global_crops, local_crops, masks, n_images = unpack_batch(batch)
+        global_crops, local_crops, masks, mask_indices, masks_weight, n_images = unpack_batch(batch)
         schedules = self.schedule_values(step)
-        dino_targets, ibot_targets = self.teacher_targets(global_crops, masks, schedules["teacher_temp"])
+        dino_targets, ibot_targets = self.teacher_targets(
+            global_crops, mask_indices, schedules["teacher_temp"]
+        )
 
         student_global, student_local = self.student["backbone"](
             [global_crops, local_crops], masks=[masks, None], is_training=True
@@ -308,7 +311,8 @@ class DINOv3Module(SSLModule):
         global_cls = student_global["x_norm_clstoken"]  # [2B, D]
         cls_logits = self.student["dino_head"](torch.cat([global_cls, student_local["x_norm_clstoken"]]))
         global_logits, local_logits = cls_logits.split([global_cls.shape[0], local_crops.shape[0]])
-        masked_logits = self.student["ibot_head"](student_global["x_norm_patchtokens"][masks])  # [M, K]
+        masked_patches = masked_tokens(student_global["x_norm_patchtokens"], mask_indices)  # [M, D]
+        masked_logits = self.student["ibot_head"](masked_patches)  # [M, K]
 
         dino_terms = self.dino_loss(
             global_logits.unflatten(0, (N_GLOBAL_CROPS, n_images)),
@@ -319,7 +323,7 @@ class DINOv3Module(SSLModule):
             "dino_local_crops_loss": dino_terms.local_loss,
             "dino_global_crops_loss": dino_terms.global_loss,
             "koleo_loss": self.koleo_loss(global_cls.unflatten(0, (N_GLOBAL_CROPS, n_images))),
-            "ibot_loss": self.ibot_patch_loss(masked_logits, ibot_targets, masks),
+            "ibot_loss": self.ibot_patch_loss(masked_logits, ibot_targets, masks_weight, masks.shape[0]),
         }
         total = (
             self.hparams.dino_loss_weight * dino_terms.total(schedules["dino_local_loss_weight"])

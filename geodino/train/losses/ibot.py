@@ -17,9 +17,11 @@ class iBOTPatchLoss(nn.Module):
     of the *unmasked* teacher crops at the masked positions, centred by
     :func:`~geodino.train.losses.sinkhorn_knopp` over all masked patches; they are detached here.
 
-    Rows of ``student_logits`` / ``teacher_probs`` are the masked patches in the order of
+    Rows of ``student_logits`` / ``teacher_probs`` / ``masks_weight`` are the masked patches in the order of
     ``masks.flatten().nonzero()`` (image-major, then patch index), i.e.
-    ``tokens.flatten(0, 1)[masks.flatten()]``.
+    ``tokens.flatten(0, 1)[masks.flatten()]``; the indices and weights come from
+    :func:`~geodino.train.augment.masked_patch_index` (the collate's ``mask_indices_list`` and
+    ``masks_weight``), so the loss needs no device synchronisation.
 
     Args:
         student_temp: Student temperature τ_s.
@@ -29,18 +31,21 @@ class iBOTPatchLoss(nn.Module):
         super().__init__()
         self.student_temp = student_temp
 
-    def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
+    def forward(
+        self, student_logits: Tensor, teacher_probs: Tensor, masks_weight: Tensor, n_crops: int
+    ) -> Tensor:
         """Masked-patch loss, in float32.
 
         Args:
             student_logits: Student iBOT-head outputs at the masked patches [M, K].
             teacher_probs: Teacher targets at the same patches [M, K], rows summing to 1.
-            masks: Boolean iBOT masks of the student global crops [2B, P]; M = ``masks.sum()``.
+            masks_weight: Per masked patch, 1 / (masked patches of its image) [M].
+            n_crops: Global crops the masks were drawn on, masked or not (2B).
 
         Returns:
             Scalar loss.
         """
-        n_masked = int(masks.sum())
+        n_masked = masks_weight.shape[0]
         if student_logits.shape[0] != n_masked or teacher_probs.shape[0] != n_masked:
             raise ValueError(
                 f"expected {n_masked} masked-patch rows, got student {tuple(student_logits.shape)} and "
@@ -48,6 +53,4 @@ class iBOTPatchLoss(nn.Module):
             )
         log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
         patch_ce = -(teacher_probs.detach().float() * log_probs).sum(dim=-1)  # [M]
-        per_image = masks.sum(dim=-1, keepdim=True).clamp(min=1)  # [2B, 1]
-        weights = (1.0 / per_image).expand_as(masks)[masks]  # [M]
-        return (patch_ce * weights).sum() / masks.shape[0]
+        return (patch_ce * masks_weight).sum() / n_crops
