@@ -124,6 +124,11 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
 # ---------------------------------------------------------------- Sinkhorn-Knopp
 
 
+def test_sinkhorn_needs_an_iteration() -> None:
+    with pytest.raises(ValueError, match="n_iterations must be >= 1"):
+        sinkhorn_knopp(torch.randn(4, 3), teacher_temp=0.1, n_iterations=0)
+
+
 def test_sinkhorn_matches_naive_and_normalises_samples() -> None:
     logits = torch.randn(24, 10)
     out = sinkhorn_knopp(logits, teacher_temp=0.5, n_iterations=3)
@@ -153,6 +158,20 @@ def test_sinkhorn_is_fp32_no_grad_and_overflow_safe() -> None:
     assert out.dtype == torch.float32 and not out.requires_grad and torch.isfinite(out).all()
     reference = naive_sinkhorn(logits.detach().float().numpy(), 0.04, 3)  # float64 has the range
     np.testing.assert_allclose(out.numpy(), reference, rtol=1e-4, atol=1e-6)
+
+
+def test_sinkhorn_keeps_denormal_prototype_masses() -> None:
+    """A prototype whose scores all lie ~95 below the maximum has a denormal mass (exp(-95) ~ 5e-42): it must
+    still be normalised (the reciprocal of such a mass overflows float32), not turn into NaN."""
+    temp = 0.05
+    logits = torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
+    logits[:, 5] = logits.max() - 95 * temp + 0.01 * torch.randn(8)
+    assert 0 < torch.exp((logits[:, 5] - logits.max()) / temp).max() < torch.finfo(torch.float32).tiny
+    out = sinkhorn_knopp(logits, teacher_temp=temp)
+    assert torch.isfinite(out).all()
+    reference = naive_sinkhorn(logits.numpy(), temp, 3)
+    np.testing.assert_allclose(out.numpy(), reference, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(out.sum(dim=1).numpy(), 1.0, rtol=1e-5)
 
 
 def test_sinkhorn_empty_input() -> None:

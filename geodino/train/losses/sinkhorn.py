@@ -29,9 +29,10 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     normalisation is local and needs no communication.
 
     The scores logits / τ are shifted by their global maximum before the exponential; the shift cancels in
-    the first normalisation, so results equal the official formula while large logits / small τ cannot
-    overflow (the official exp overflows once a score passes ~88). As in the official float32 code, a
-    prototype whose scores all lie more than ~100 below the maximum underflows to zero mass (NaN rows).
+    the first normalisation, so results equal the official formula (to float32 rounding) while large
+    logits / small τ cannot overflow (the official exp overflows once a score passes ~88). As in the official
+    float32 code, a prototype whose scores all lie more than ~100 below the maximum underflows to zero mass
+    (NaN rows).
 
     Every process must call this function (it holds collectives).
 
@@ -43,25 +44,36 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
 
     Returns:
         Float32 targets [N_local, K]; each row is a distribution over the K prototypes.
+
+    Raises:
+        ValueError: If ``n_iterations < 1``.
     """
-    scores = teacher_logits.float() / teacher_temp
-    # a process may hold no rows (e.g. no masked patches for iBOT); it still joins every collective
-    max_score = scores.max() if scores.numel() else scores.new_tensor(-torch.inf)
-    _all_reduce(max_score, dist.ReduceOp.MAX)
-    q = torch.exp(scores - max_score).t()  # [K, N_local]
+    if n_iterations < 1:
+        raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+    # Memory-bound on [N, K] float32 (K = 65536 prototypes): the official algebra with its scalar factors
+    # folded, so each iteration makes 2 passes that read and write Q and 2 that read it (the official order
+    # of in-place divisions makes 4 and 2) and the initial total-mass division, which the first row
+    # normalisation cancels, is left out; see benchmarks/sinkhorn.py.
+    # A process may hold no rows (e.g. no masked patches for iBOT); it still joins every collective.
+    max_logit = (
+        teacher_logits.max().float() if teacher_logits.numel() else teacher_logits.new_tensor(-torch.inf)
+    )
+    _all_reduce(max_logit, dist.ReduceOp.MAX)
+    q = teacher_logits.float()
+    if q.data_ptr() == teacher_logits.data_ptr():
+        q = q.clone()  # float32 input: the in-place steps below must not write into it
+    q = q.sub_(max_logit).div_(teacher_temp).exp_().t()  # [K, N_local], exp(score - max score) <= 1
     n_prototypes = q.shape[0]
-    mass_and_count = torch.stack([q.sum(), q.new_tensor(float(q.shape[1]))])
-    _all_reduce(mass_and_count, dist.ReduceOp.SUM)
-    total_mass, n_samples = mass_and_count
-    q /= total_mass
-    for _ in range(n_iterations):
+    n_samples = q.new_tensor(float(q.shape[1]))
+    _all_reduce(n_samples, dist.ReduceOp.SUM)
+    for i in range(n_iterations):
         prototype_mass = q.sum(dim=1, keepdim=True)  # [K, 1]
         _all_reduce(prototype_mass, dist.ReduceOp.SUM)
-        q /= prototype_mass
-        q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True)
-        q /= n_samples
-    q *= n_samples
+        q /= prototype_mass * n_prototypes  # every prototype row: mass 1/K (a division: masses may be
+        # denormal, and their reciprocals would overflow)
+        sample_mass = q.sum(dim=0, keepdim=True)  # [1, N_local]
+        # every sample column: mass 1/N, except after the last iteration, where the official × N follows
+        q /= sample_mass if i == n_iterations - 1 else sample_mass * n_samples
     return q.t()
 
 
