@@ -64,8 +64,9 @@ class MultiCropDataset(Dataset):
         augmentation: The multi-crop augmentation.
         seed: Run seed; with the chip's window it seeds the chip's augmentation.
         store: Read the chips from this chip store (written from ``corpus`` by ``geodino chips``) instead
-            of the rasters; the refs are those of its chip table (``corpus.refs(store.chips)``). The
-            pixels, hence the samples, are the same.
+            of the rasters. The pixels, hence the samples, are the same.
+        store_refs: The refs of the store's chips, in store order (``corpus.refs(store.chips)``, computed
+            when None; pass them where they are already known).
     """
 
     def __init__(
@@ -74,13 +75,15 @@ class MultiCropDataset(Dataset):
         augmentation: MultiCropAugmentation,
         seed: int = 0,
         store: ChipStore | None = None,
+        store_refs: Sequence[ChipRef] | None = None,
     ) -> None:
         self.chips = CorpusDataset(corpus)
         self.augmentation = augmentation
         self.seed = seed
         self.store = store
-        positions = {} if store is None else {ref: i for i, ref in enumerate(corpus.refs(store.chips))}
-        self._store_positions: dict[ChipRef, int] = positions
+        if store is not None and store_refs is None:
+            store_refs = corpus.refs(store.chips)
+        self._store_positions = {ref: i for i, ref in enumerate(store_refs or ())}
 
     def _read(self, ref: ChipRef) -> tuple[np.ndarray, np.ndarray]:
         """The chip's pixels scaled to [0, 1] ``float32 [C, h, w]`` and its valid mask ``bool [h, w]``."""
@@ -205,6 +208,7 @@ class PretrainDataModule(L.LightningDataModule):
         )
         self.corpus: RasterCorpus | None = None
         self.store: ChipStore | None = None
+        self.chip_set: list[ChipRef] | None = None  # the refs of ``chips`` (in table or store order)
         self.sampler: RandomChipSampler | ChipListSampler | None = None
         self._sampler_state: dict[str, Any] | None = None
 
@@ -233,7 +237,8 @@ class PretrainDataModule(L.LightningDataModule):
                     seed=self.hparams.seed,
                 )
             else:
-                self.sampler = ChipListSampler(self._chip_set(self.hparams.chips), seed=self.hparams.seed)
+                self.chip_set = self._chip_set(self.hparams.chips)
+                self.sampler = ChipListSampler(self.chip_set, seed=self.hparams.seed)
             if self._sampler_state is not None:
                 self.sampler.load_state_dict(self._sampler_state)
 
@@ -262,7 +267,13 @@ class PretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Batches of ``batch_size`` images; the last incomplete batch of an epoch is dropped."""
-        dataset = MultiCropDataset(self.corpus, self.augmentation, seed=self.hparams.seed, store=self.store)
+        dataset = MultiCropDataset(
+            self.corpus,
+            self.augmentation,
+            seed=self.hparams.seed,
+            store=self.store,
+            store_refs=self.chip_set if self.store is not None else None,
+        )
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,

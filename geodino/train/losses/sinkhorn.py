@@ -59,9 +59,7 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
         teacher_logits.max().float() if teacher_logits.numel() else teacher_logits.new_tensor(-torch.inf)
     )
     _all_reduce(max_logit, dist.ReduceOp.MAX)
-    q = teacher_logits.float()
-    if q.data_ptr() == teacher_logits.data_ptr():
-        q = q.clone()  # float32 input: the in-place steps below must not write into it
+    q = teacher_logits.to(torch.float32, copy=True)  # a copy: the steps below work in place
     q = q.sub_(max_logit).div_(teacher_temp).exp_().t()  # [K, N_local], exp(score - max score) <= 1
     n_prototypes = q.shape[0]
     n_samples = q.new_tensor(float(q.shape[1]))
