@@ -3,7 +3,7 @@
 Pretraining sees images only, never labels:
 
 1. a corpus (:meth:`geodino.data.RasterCorpus.from_paths`, bands 1 2 3) of the three LoveDA tiles (1024²,
-   0.3 m; PNGs without a CRS, so GeoTIFF copies with a nominal EPSG:3857 grid are written to ``--work``) and
+   0.3 m; PNGs without a CRS, indexed in pixel coordinates) and
    the uint8 RGB rasters of ``shared/data/rasters`` (``cogeo.tif`` 0.6 m aerial, ``rgbn.tif`` 5 m,
    ``RGB.byte.tif`` Landsat 7; the uint16 ``rgb16.tif`` is left out, as in the recorded results, which were
    measured when the corpus scaling was pooled over all rasters and it would have squashed the uint8 ones);
@@ -56,12 +56,10 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import rasterio
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from PIL import Image
-from rasterio.transform import from_origin
 from results_md import RESULTS, write_section
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -91,37 +89,14 @@ KNN_TEMPERATURE = 0.07
 # ----------------------------------------------------------------------------------------- corpus
 
 
-def georeferenced_copy(png: Path, out: Path, gsd: float, x0: float) -> Path:
-    """A GeoTIFF copy of an RGB PNG on a nominal EPSG:3857 grid (``gsd`` m/pixel, west edge ``x0`` m).
-
-    :meth:`RasterCorpus.from_paths` refuses rasters without a CRS; the grid only places the image.
-    """
-    pixels = np.asarray(Image.open(png).convert("RGB")).transpose(2, 0, 1)
-    profile = {
-        "driver": "GTiff",
-        "height": pixels.shape[1],
-        "width": pixels.shape[2],
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:3857",
-        "transform": from_origin(x0, 0.0, gsd, gsd),
-    }
-    with rasterio.open(out, "w", **profile) as dst:
-        dst.write(pixels)
-    return out
-
-
 def build_corpus(data: Path, work: Path) -> Path:
-    """Index the LoveDA tiles (GeoTIFF copies) and the RGB rasters into ``work/corpus.parquet``."""
+    """Index the LoveDA tiles (PNGs without CRS: pixel coordinates) and the RGB rasters into
+    ``work/corpus.parquet``."""
     path = work / "corpus.parquet"
     if path.exists():
         return path
-    copies = work / "loveda_tif"
-    copies.mkdir(parents=True, exist_ok=True)
-    loveda = [
-        georeferenced_copy(png, copies / f"{png.stem}.tif", gsd=0.3, x0=i * 1000.0)
-        for i, png in enumerate(sorted((data / "landcover/loveda/img").glob("*.png")))
-    ]
+    work.mkdir(parents=True, exist_ok=True)
+    loveda = sorted((data / "landcover/loveda/img").glob("*.png"))
     rasters = [data / "rasters" / name for name in RGB_RASTERS]
     RasterCorpus.from_paths([*loveda, *rasters], bands=[1, 2, 3]).save(path)
     return path

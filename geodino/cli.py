@@ -301,8 +301,10 @@ def run_index(args: argparse.Namespace) -> int:
     corpus.save(args.out)
     index = corpus.index
     crs_count, valid = index["crs"].nunique(), int(index["valid_pixels"].sum())
+    no_crs = int(index["crs"].isna().sum())
+    crs_text = f"{crs_count} CRS" + (f" + {no_crs} in pixel coordinates (no CRS)" if no_crs else "")
     print(
-        f"indexed {len(corpus)} raster(s), {crs_count} CRS, {valid:,} valid pixels "
+        f"indexed {len(corpus)} raster(s), {crs_text}, {valid:,} valid pixels "
         f"({index['valid_fraction'].mean():.1%} valid on average) -> {args.out}"
     )
     return 0

@@ -431,19 +431,21 @@ def test_bad_inputs(scene: Path, tmp_path: Path) -> None:
     reasons = {
         bad_header: "corrupt, truncated",
         bad_pixels: "corrupt or truncated",
-        no_crs: "has no CRS",
         empty: "all pixels are nodata",
     }
     for path, reason in reasons.items():
         with pytest.raises(RasterFileError, match=rf"{path.name}.*{reason}"):
             RasterCorpus.from_paths(path, progress=False)
+    # Without CRS: refused only when reprojecting (tests/test_no_crs.py covers the pixel grid).
+    with pytest.raises(RasterFileError, match=r"no_crs\.tif has no CRS.*rio edit-info --crs"):
+        RasterCorpus.from_paths(no_crs, crs="EPSG:4326", progress=False)
 
-    with pytest.warns(UserWarning, match="skipped 4 unreadable") as record:
+    with pytest.warns(UserWarning, match="skipped 3 unreadable") as record:
         corpus = RasterCorpus.from_paths([*reasons, scene], on_error="skip", progress=False)
     assert list(corpus.index["raster"]) == [str(scene)]
     (message,) = [str(w.message) for w in record if "skipped" in str(w.message)]
     assert all(f"{path}: {path}" in message for path in reasons), message
-    with pytest.warns(UserWarning), pytest.raises(RasterFileError, match="all 4 were skipped"):
+    with pytest.warns(UserWarning), pytest.raises(RasterFileError, match="all 3 were skipped"):
         RasterCorpus.from_paths(list(reasons), on_error="skip", progress=False)
 
     with pytest.raises(ValueError, match=r"scaling_by must be one of \('dtype', 'raster', 'corpus'\)"):

@@ -442,11 +442,6 @@ BAD_FILES = {
     # name -> (make the file, what the error says, what it tells the user to do)
     "truncated": (_truncated, "truncated", "re-download or re-export"),
     "corrupt": (_corrupt_header, "corrupt, truncated or not a GeoTIFF", "re-download or re-export"),
-    "no_crs": (
-        lambda d: _write(d / "no_crs.tif", _reflectance(2), crs=None),
-        "has no CRS",
-        "rio edit-info --crs",
-    ),
     "all_nodata": (
         lambda d: _write(d / "all_nodata.tif", np.full((3, 64, 64), -32768, np.int16), nodata=-32768),
         "all pixels are nodata",
@@ -474,6 +469,25 @@ def test_bad_files_are_named_with_a_fix(name: str, tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert f"geodino: error: {path}" in err and reason in err and fix in err and "--skip-bad" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_no_crs_is_refused_only_when_reprojecting(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A GeoTIFF with a geotransform but no CRS: the corpus indexes it on its pixel grid (tests/test_no_crs.py
+    covers reading it); reprojecting it, or tiling it, fails naming the file and the fix."""
+    path = _write(tmp_path / "no_crs.tif", _reflectance(2), crs=None)
+    refused = rf"^{re.escape(str(path))} has no CRS.*rio edit-info --crs"
+    with pytest.raises(RasterFileError, match=refused):
+        RasterCorpus.from_paths(path, bands=[1, 2, 3], crs="EPSG:4326", progress=False)
+    with pytest.raises(RasterFileError, match=refused):
+        list(RasterTiler(path, size=64, bands=[1, 2, 3]))
+    out = tmp_path / "corpus.parquet"
+    assert main(["index", str(path), "--crs", "EPSG:4326", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"geodino: error: {path} has no CRS" in err and "rio edit-info --crs" in err and not out.exists()
+
+    with pytest.warns(UserWarning, match=r"1 of 1 raster\(s\) have no CRS"):
+        row = RasterCorpus.from_paths(path, nodata=-32768, progress=False).index.iloc[0]
+    assert pd.isna(row["crs"]) and row.geometry is None and (row["gsd_x"], row["gsd_y"]) == (10.0, 10.0)
 
 
 def test_truncation_past_the_overviews_fails_at_read_time_naming_the_file(

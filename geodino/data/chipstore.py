@@ -7,14 +7,16 @@ Layout of a store folder ``PATH`` (a zarr v3 group)::
 
     zarr.json         group attributes: format "geodino.chipstore", version, count (N), bands (C),
                       height (H), width (W), dtype, batch_size (B), complete (bool) and, once complete,
-                      crs (list of WKT strings) and raster (list of source paths, "" when unknown)
+                      crs (list of WKT strings, "" for chips without CRS) and raster (list of source
+                      paths, "" when unknown)
     image/            [N, C, H, W] source dtype, chunk (1, C, H, W), compressed
     valid/            [N, H, W] bool, chunk (1, H, W), compressed
     transform/        [N, 6] float64: affine (a, b, c, d, e, f) of each chip (chip pixel -> world in its CRS)
     window/           [N, 4] int64: (col_off, row_off, width, height) in source pixels
     crs/              [N] int32: index into the ``crs`` attribute
     raster/           [N] int32: index into the ``raster`` attribute
-    chips.parquet     the chip table (GeoParquet, geometry in EPSG:4326), given or built from the above
+    chips.parquet     the chip table (GeoParquet, geometry in EPSG:4326, null for chips without CRS), given
+                      or built from the above
     batches/<b>/      while writing only: commit record of batch b (chips b*B .. b*B+B-1) in its attributes
 
 Writing is split into batches of B consecutive chips, one dask task each. A task reads its chips from the
@@ -90,8 +92,6 @@ def _check_chip(chip: Chip, index: int, spec: _Spec, window: np.ndarray | None) 
             "store share band count, size and dtype (to rewrite a store from another source use "
             "overwrite=True)"
         )
-    if chip.crs is None:
-        raise RasterFileError(f"{where}: chip has no CRS; assign one to the raster (rio edit-info --crs)")
     if any(v != int(v) for v in chip.window.flatten()):
         raise ValueError(f"{where}: window {chip.window} is not on whole source pixels")
     if window is not None and not np.array_equal(window, chip.window.flatten()):
@@ -122,7 +122,7 @@ def _write_batch(
             valid[i] = chip.valid
             record["window"].append([int(v) for v in chip.window.flatten()])  # col_off, row_off, w, h
             record["transform"].append(list(chip.transform)[:6])
-            record["crs"].append(chip.crs.to_wkt())
+            record["crs"].append("" if chip.crs is None else chip.crs.to_wkt())
             record["raster"].append(str(chip.path) if chip.path else "")
         # Strings are coded per batch (distinct values first) to keep records small.
         for key in ("crs", "raster"):
@@ -170,7 +170,8 @@ def _merge(records: dict[int, dict], n: int, batch_size: int) -> _Meta:
 
 
 def _chip_table(meta: _Meta) -> gpd.GeoDataFrame:
-    """Chip table (contract columns) with footprints reprojected to EPSG:4326."""
+    """Chip table (contract columns) with footprints reprojected to EPSG:4326; chips without CRS (code
+    ``""``) get a null ``crs`` and ``geometry``."""
     w, h = meta.window[:, 2:3].astype(float), meta.window[:, 3:4].astype(float)
     cols = np.concatenate([np.zeros_like(w), w, w, np.zeros_like(w)], axis=1)  # corners UL, UR, LR, LL
     rows = np.concatenate([np.zeros_like(h), np.zeros_like(h), h, h], axis=1)
@@ -179,11 +180,12 @@ def _chip_table(meta: _Meta) -> gpd.GeoDataFrame:
     geometry = gpd.GeoSeries(np.empty(len(footprint), object), crs="EPSG:4326")
     for code, wkt in enumerate(meta.crs_values):
         sel = meta.crs == code
-        geometry[sel] = gpd.GeoSeries(footprint[sel], crs=wkt).to_crs("EPSG:4326").to_numpy()
+        if wkt:
+            geometry[sel] = gpd.GeoSeries(footprint[sel], crs=wkt).to_crs("EPSG:4326").to_numpy()
     table = {
         "raster": np.array(meta.raster_values, object)[meta.raster],
         **{name: meta.window[:, k] for k, name in enumerate(WINDOW_COLUMNS)},
-        "crs": np.array(meta.crs_values, object)[meta.crs],
+        "crs": np.array([wkt or None for wkt in meta.crs_values], object)[meta.crs],
     }
     return gpd.GeoDataFrame(table, geometry=geometry, crs="EPSG:4326")
 
@@ -257,8 +259,9 @@ def write_chip_store(
     Args:
         path: Store folder.
         source: Map-style sequence of :class:`Chip` (e.g. a :class:`~geodino.data.tiling.RasterTiler`),
-            all of one band count, ``H x W`` size (pixels) and dtype, each with a CRS; picklable, as for
-            DataLoader workers (each task reads from its own copy).
+            all of one band count, ``H x W`` size (pixels) and dtype; picklable, as for DataLoader
+            workers (each task reads from its own copy). A chip without CRS (from a raster in pixel
+            coordinates) is stored with CRS code ``""``, read back with ``crs`` None and a null footprint.
         chips: Chip table of ``source`` (one row per chip, in order) to store; its windows must equal the
             chips'. Built from the chips when None (footprints in EPSG:4326).
         compressor: zarr bytes-to-bytes codec of the ``image`` and ``valid`` chunks; default Blosc zstd,
@@ -277,8 +280,8 @@ def write_chip_store(
     Raises:
         ValueError: ``source`` is empty, ``chips`` does not match it, or ``path`` holds something else
             than a chip store of this source (the message suggests overwrite=True).
-        RasterFileError: A chip differs from the first in band count, size or dtype, or has no CRS (the
-            message names the file and chip index). Batches written before the error stay committed.
+        RasterFileError: A chip differs from the first in band count, size or dtype (the message names
+            the file and chip index). Batches written before the error stay committed.
     """
     path, n = Path(path), len(source)
     if n == 0:
@@ -373,7 +376,7 @@ class ChipStore:
                     "open it with allow_incomplete=True to read the written chips"
                 )
         self._meta = meta
-        self._crs = [CRS.from_wkt(wkt) for wkt in meta.crs_values]
+        self._crs = [CRS.from_wkt(wkt) if wkt else None for wkt in meta.crs_values]
         self._arrays: tuple[zarr.Array, zarr.Array] | None = None
         self._pid: int | None = None
 
@@ -384,7 +387,8 @@ class ChipStore:
 
     @cached_property
     def chips(self) -> gpd.GeoDataFrame:
-        """The chip table (contract columns, geometry in EPSG:4326), one row per chip."""
+        """The chip table (contract columns, geometry in EPSG:4326), one row per chip; ``crs`` and
+        ``geometry`` are null for chips without CRS."""
         if not self.complete:
             raise ValueError(f"{self.path}: incomplete chip store has no chip table yet; resume writing it")
         return gpd.read_parquet(self.path / TABLE)

@@ -22,6 +22,12 @@ Each raster is read on its **read grid**: its own pixel grid, or, when a target 
 given, the grid of a ``rasterio.vrt.WarpedVRT`` reprojecting it on the fly. Chip windows (:class:`ChipRef`,
 chip tables) are in pixels of the read grid.
 
+Rasters without a CRS (image chips such as PNG or JPEG tiles, GeoTIFFs without georeferencing) are indexed
+on their pixel grid when the corpus reads native grids: their ``crs`` and ``epsg`` are null, their GSD comes
+from their transform (1 "pixel" per pixel when they have none: rasterio's identity transform) and their
+footprint ``geometry`` (in the index and in chip tables) is null. Pretraining reads their pixels like any
+other's. They cannot be reprojected: with a target ``crs`` or ``gsd`` they are refused.
+
 Typical use::
 
     corpus = RasterCorpus.from_paths("scenes/", bands=["red", "green", "blue"])
@@ -55,7 +61,7 @@ import torch.utils.data
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform
 from rasterio.warp import transform as transform_coords
@@ -142,7 +148,8 @@ def _find_rasters(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[s
         paths = [os.path.abspath(p) for p in sources]
     if not paths:
         raise FileNotFoundError(
-            f"no rasters found in {sources!r} (a folder is searched recursively for *.tif / *.tiff)"
+            f"no rasters found in {sources!r} (a folder is searched recursively for *.tif / *.tiff; for "
+            "other formats, e.g. PNG chips, give a glob such as 'chips/**/*.png')"
         )
     return paths
 
@@ -273,6 +280,15 @@ def _read_valid_map(
     return ValidMap(valid_map.valid & inside, valid_map.height, valid_map.width)
 
 
+def _open_raster(path: Path) -> rasterio.DatasetReader:
+    """:func:`_open` without rasterio's ``NotGeoreferencedWarning``, which a raster without geotransform
+    (e.g. a PNG chip) raises on every opening: the corpus reads it on its pixel grid (identity transform),
+    and :meth:`RasterCorpus.from_paths` warns once about all such rasters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return _open(path)
+
+
 def _footprints(crs: CRS, transform: Affine, windows: np.ndarray, points: int) -> np.ndarray:
     """Footprint polygons in EPSG:4326 of pixel ``windows`` (``[n, 4]``: col_off, row_off, width, height).
 
@@ -291,11 +307,19 @@ def _footprints(crs: CRS, transform: Affine, windows: np.ndarray, points: int) -
 def _index_raster(
     path: str, settings: ReadSettings, valid_map_side: int, n_samples: int, rng: np.random.Generator
 ) -> tuple[dict[str, Any], ValidMap, np.ndarray, float | None]:
-    """Index row, valid map, scaling sample ``[C, n]`` and undeclared fill value of one raster."""
-    with _open(Path(path)) as src:
-        if src.crs is None:
+    """Index row, valid map, scaling sample ``[C, n]`` and undeclared fill value of one raster.
+
+    A raster without CRS gets a row in pixel coordinates (``crs``, ``epsg`` and ``geometry`` None).
+
+    Raises:
+        RasterFileError: The raster has no CRS and ``settings`` reproject (target ``crs`` / ``gsd``).
+    """
+    with _open_raster(Path(path)) as src:
+        if src.crs is None and settings.warp:
             raise RasterFileError(
-                f"{path} has no CRS; assign one with `rio edit-info --crs EPSG:xxxx {path}`"
+                f"{path} has no CRS, so it cannot be read on the corpus' target grid (crs / gsd); assign "
+                f"one with `rio edit-info --crs EPSG:xxxx {path}`, or index without crs / gsd to read it "
+                "on its own pixel grid"
             )
         indexes = _band_indexes(src, path, settings.bands)
         nodata = _nodata_override(src, indexes, settings.nodata)
@@ -315,10 +339,14 @@ def _index_raster(
                 )
         except RasterioError as e:
             raise _read_error(path, "raster", e) from e
+        whole = np.array([[0, 0, width, height]])
+        footprint = (
+            None if grid_crs is None else _footprints(grid_crs, transform, whole, _RASTER_EDGE_POINTS)[0]
+        )
         row = {
             "raster": path,
-            "crs": grid_crs.to_wkt(),
-            "epsg": grid_crs.to_epsg(),
+            "crs": None if grid_crs is None else grid_crs.to_wkt(),
+            "epsg": None if grid_crs is None else grid_crs.to_epsg(),
             "gsd_x": gsd_x,
             "gsd_y": gsd_y,
             "height": height,
@@ -331,9 +359,7 @@ def _index_raster(
             "transform": list(transform)[:6],
             "valid_fraction": valid_map.valid_fraction,
             "valid_pixels": round(valid_map.valid_pixels),
-            "geometry": _footprints(
-                grid_crs, transform, np.array([[0, 0, width, height]]), _RASTER_EDGE_POINTS
-            )[0],
+            "geometry": footprint,
         }
     return row, valid_map, sample, fill
 
@@ -373,6 +399,19 @@ def _warn_files(message: str, items: list[tuple[str, str]]) -> None:
     warnings.warn(message + "".join(f"\n  {path}: {why}" for path, why in items), UserWarning, stacklevel=3)
 
 
+def _warn_no_crs(rows: Sequence[dict[str, Any]]) -> None:
+    """Warn once, with their count and an example, when some of the index ``rows`` have no CRS."""
+    paths = [row["raster"] for row in rows if row["crs"] is None]
+    if paths:
+        warnings.warn(
+            f"{len(paths)} of {len(rows)} raster(s) have no CRS (e.g. {paths[0]}): indexed in pixel "
+            "coordinates; no footprints (null geometry in the index and chip tables). Assign a CRS (rio "
+            "edit-info --crs) where the geography matters",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class RasterCorpus:
     """Index of a set of rasters, with valid maps and per-band scaling; see the module docstring.
 
@@ -383,11 +422,12 @@ class RasterCorpus:
 
     Attributes:
         index: ``GeoDataFrame``, one row per raster: ``raster`` (absolute path), ``geometry`` (footprint
-            in EPSG:4326), ``crs`` (WKT of the read grid), ``epsg`` (nullable), ``gsd_x`` / ``gsd_y`` (CRS
-            units per pixel), ``height`` / ``width`` (read grid, pixels), ``count`` (bands in the file),
-            ``bands`` (selected 1-based indexes), ``dtype``, ``nodata`` (the file's, or the corpus' where it
-            applies; NaN if none), ``band_descriptions``, ``transform`` (read grid, 6 affine coefficients),
-            ``valid_fraction``, ``valid_pixels``.
+            in EPSG:4326; null without CRS), ``crs`` (WKT of the read grid; null without CRS: pixel
+            coordinates), ``epsg`` (nullable), ``gsd_x`` / ``gsd_y`` (CRS units per pixel; transform units,
+            1.0 for a raster without geotransform), ``height`` / ``width`` (read grid, pixels), ``count``
+            (bands in the file), ``bands`` (selected 1-based indexes), ``dtype``, ``nodata`` (the file's, or
+            the corpus' where it applies; NaN if none), ``band_descriptions``, ``transform`` (read grid, 6
+            affine coefficients), ``valid_fraction``, ``valid_pixels``.
         valid_maps: One coarse :class:`ValidMap` per raster, on its read grid.
         settings: How the rasters are read.
         percentiles: ``(low, high)`` percentiles of the scaling, or None (no scaling).
@@ -450,7 +490,8 @@ class RasterCorpus:
                 nodata value or mask keep theirs, and files whose dtype cannot hold the value (-9999 in
                 uint16) are read as they are; the index's ``nodata`` column shows what applies to each.
             crs: Target CRS (anything ``CRS.from_user_input`` takes) to read every raster in, through a
-                WarpedVRT; native CRS by default.
+                WarpedVRT; native grids by default (rasters without CRS are then read in pixel coordinates,
+                see the module docstring, with one warning giving their count).
             gsd: Target resolution in target-CRS units per pixel (one value or ``(x, y)``); with ``crs``
                 None, the rasters are resampled in their own CRS.
             resampling: ``rasterio.enums.Resampling`` name used when reprojecting.
@@ -464,9 +505,9 @@ class RasterCorpus:
 
         Raises:
             FileNotFoundError: Nothing found in ``sources`` (or a listed file is missing, with "raise").
-            RasterFileError: A raster is unreadable (corrupt, truncated), has no CRS, has no valid pixel,
-                lacks a selected band or has a different number of bands than the others; with "skip",
-                when no raster is left. Messages name the file.
+            RasterFileError: A raster is unreadable (corrupt, truncated), has no CRS while ``crs`` or
+                ``gsd`` is given, has no valid pixel, lacks a selected band or has a different number of
+                bands than the others; with "skip", when no raster is left. Messages name the file.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -510,6 +551,7 @@ class RasterCorpus:
             _warn_files(f"skipped {len(skipped)} unreadable raster(s):", skipped)
         if not rows:
             raise RasterFileError(f"no readable raster in {sources!r}: all {len(paths)} were skipped")
+        _warn_no_crs(rows)
         if fills:
             hint = fills[0][1]
             _warn_files(
@@ -650,7 +692,7 @@ class RasterCorpus:
         path = Path(row["raster"])
         if not path.exists():
             raise FileNotFoundError(f"{path}: raster {i} of the corpus no longer exists (moved or deleted?)")
-        src = _open(path)
+        src = _open_raster(path)
         handle: Handle = src
         if self.settings.warp:
             grid = {"crs": CRS.from_wkt(row["crs"]), "transform": Affine(*row["transform"])}
@@ -725,8 +767,8 @@ class RasterCorpus:
         """Chip table of ``refs``, one row per ref in order (see the shared data contract).
 
         Columns: ``raster``, ``col_off``, ``row_off``, ``width``, ``height`` (int64, read-grid pixels),
-        ``crs`` (WKT), ``valid_fraction`` (estimated from the valid map) and ``geometry`` (footprint in
-        EPSG:4326).
+        ``crs`` (WKT; null for a raster without CRS), ``valid_fraction`` (estimated from the valid map)
+        and ``geometry`` (footprint in EPSG:4326; null for a raster without CRS).
         """
         raster = np.array([r.raster for r in refs], dtype=np.int64)
         win = np.array([[w.col_off, w.row_off, w.width, w.height] for _, w in refs], dtype=np.int64)
@@ -734,6 +776,8 @@ class RasterCorpus:
         geometry = np.empty(len(refs), dtype=object)
         for i in np.unique(raster):
             row, at = self.index.iloc[i], raster == i
+            if pd.isna(row["crs"]):
+                continue  # pixel coordinates only: no footprint
             crs, transform = CRS.from_wkt(row["crs"]), Affine(*row["transform"])
             geometry[at] = _footprints(crs, transform, win[at], _CHIP_EDGE_POINTS)
         columns = {"raster": self.index["raster"].to_numpy()[raster]}

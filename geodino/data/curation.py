@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 # Columns every chip table has (the shared data contract); ``geometry`` is the footprint in EPSG:4326.
+# ``crs`` (WKT) and ``geometry`` are null for chips of rasters without CRS (read in pixel coordinates).
 _CHIP_COLUMNS = ("raster", "col_off", "row_off", "width", "height", "crs", "geometry")
 # Point-to-centroid distances are computed in blocks of about this many float32 values (64 MB).
 _BLOCK_ELEMENTS = 2**24
@@ -468,7 +469,7 @@ def curate(
 
     Args:
         chips: Chip table (``raster``, ``col_off``, ``row_off``, ``width``, ``height``, ``crs``,
-            ``geometry``), one row per embedding.
+            ``geometry``; ``crs`` and ``geometry`` may be null: chips without CRS), one row per embedding.
         embeddings: ``[N, D]`` embeddings, row ``i`` for ``chips.iloc[i]``.
         n: Chips to select, at most N.
         levels, n_resampling, seed, device, progress: As for :func:`hierarchical_kmeans` (``seed``
