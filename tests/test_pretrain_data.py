@@ -22,7 +22,7 @@ from conftest import shared_path
 from geodino.cli import main
 from geodino.data import CorpusDataset, RandomChipSampler, RasterCorpus, write_chip_store
 from geodino.io import write_geoparquet
-from geodino.train.data import MultiCropDataset, PretrainDataModule
+from geodino.train.data import MultiCropDataset, PretrainDataModule, SizedRef
 
 RASTERS = ("RGB.byte.tif", "cogeo.tif", "rgbn.tif")
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_tiny.yaml"
@@ -80,8 +80,8 @@ def test_chip_table_and_store_give_the_same_epoch_of_every_chip(chip_set: dict[s
     batches = epoch_batches(from_table, 0)
     assert len(batches) == CHIPS // BATCH
     # the first batch is MultiCropDataset's samples of the epoch's first chips, collated
-    dataset = MultiCropDataset(from_table.corpus, from_table.augmentation, seed=from_table.hparams.seed)
-    want = from_table.collate([dataset[ref] for ref in order[:BATCH]])
+    dataset = MultiCropDataset(from_table.corpus, from_table.augmentations, seed=from_table.hparams.seed)
+    want = from_table.collate([dataset[SizedRef(0, ref)] for ref in order[:BATCH]])
     for key, value in want.items():
         torch.testing.assert_close(batches[0][key], value, rtol=0, atol=0, msg=key)
     # the store holds the raw pixels of the same windows: identical batches, bit for bit

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import shared_path
+from rasterio.windows import Window
 
 from geodino.cli import main
+from geodino.data import ChipListSampler, ChipRef
 from geodino.models import build_backbone
 from geodino.models.checkpoint import read_state_dict
+from geodino.train.data import ResolutionBatchSampler
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -23,6 +27,18 @@ def test_recipes_are_valid_yaml_for_the_cli() -> None:
         assert config["model"]["backbone"] == config["data"]["preset"], recipe
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_recipes_match_the_module_and_data_signatures(recipe: str, capsys: pytest.CaptureFixture) -> None:
+    """LightningCLI parses every recipe against the classes' signatures (a misspelt key fails) without
+    building anything; the full-size recipes are checked here only."""
+    command = "distill" if recipe.startswith("distill") else "fit"
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--config", str(RECIPES / recipe), "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["backbone"] == yaml.safe_load((RECIPES / recipe).read_text())["model"]["backbone"]
+
+
 def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
     rasters = shared_path("data", "rasters")
     monkeypatch.chdir(tmp_path)
@@ -30,6 +46,11 @@ def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
     os.makedirs("runs")
     assert main(["index", *files, "--bands", "1", "2", "3", "--out", "runs/corpus.parquet"]) == 0
     quick = ["--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--data.num_workers=0"]
+    # the high-res stage's 3 steps run both of its crop resolutions (draws of data seed 0, shares 0.5 / 0.5)
+    highres = ResolutionBatchSampler(
+        ChipListSampler([ChipRef(0, Window(0, 0, 8, 8))]), batch_size=8, shares=[0.5, 0.5], seed=0
+    )
+    assert {highres.resolution(epoch=0, batch=b) for b in range(3)} == {0, 1}
     for stage in ("pretrain_tiny", "gram_tiny", "highres_tiny"):
         assert main(["fit", "--config", str(RECIPES / f"{stage}.yaml"), *quick]) == 0
         exported = tmp_path / "runs" / stage / "teacher_checkpoint.pth"

@@ -42,7 +42,7 @@ from conftest import shared_path
 
 from geodino.models import build_backbone
 from geodino.models.checkpoint import read_state_dict
-from geodino.train.data import MultiCropDataset, PretrainDataModule
+from geodino.train.data import MultiCropDataset, PretrainDataModule, SizedRef
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "pretrain_tiny.yaml"
@@ -178,8 +178,8 @@ def chip_fingerprints(corpus: Path, chips_per_epoch: int, n: int) -> tuple[torch
     datamodule = PretrainDataModule(**data)
     datamodule.setup("fit")
     refs = datamodule.sampler.epoch_refs(0)[:n]
-    dataset = MultiCropDataset(datamodule.corpus, datamodule.augmentation, seed=datamodule.hparams.seed)
-    return torch.stack([fingerprint(dataset[ref]) for ref in refs]), refs
+    dataset = MultiCropDataset(datamodule.corpus, datamodule.augmentations, seed=datamodule.hparams.seed)
+    return torch.stack([fingerprint(dataset[SizedRef(0, ref)]) for ref in refs]), refs
 
 
 def chip_indices(steps: list[dict[str, Any]], expected: torch.Tensor) -> list[int]:

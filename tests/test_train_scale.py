@@ -195,6 +195,7 @@ def test_checkpointing_and_compile_keep_stored_names(tmp_path: Path, monkeypatch
         trainer.save_checkpoint(checkpoints[name])
     plain, scaled = modules["plain"], modules["scaled"]
     assert all(block._compiled_call_impl is not None for block in scaled.teacher["backbone"].blocks)
+    assert all(loss._compiled_call_impl is not None for loss in (scaled.dino_loss, scaled.ibot_patch_loss))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # student and teacher blocks
 
     stored = {name: torch.load(path, weights_only=True)["state_dict"] for name, path in checkpoints.items()}

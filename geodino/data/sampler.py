@@ -107,6 +107,11 @@ class _EpochSampler(Sampler[ChipRef]):
         """
         return self.per_rank
 
+    @property
+    def yielded(self) -> int:
+        """Chips of the current epoch handed out on this rank so far, a resumed position included."""
+        return self._yielded
+
     def __iter__(self) -> Iterator[ChipRef]:
         used = self.per_rank * self.world_size  # the global sequence less num_samples % world_size
         rows = self._epoch_rows(self.epoch)[self.rank : used : self.world_size]

@@ -10,10 +10,16 @@ chip is scaled to [0, 1], cut into global / local (/ Gram) crops by
 :class:`~geodino.train.augment.MultiCropAugmentation`, and batches get their iBOT masks in
 :func:`~geodino.train.augment.collate_multicrop`.
 
-Exact resume: the augmentation of a chip is drawn from an RNG seeded by (seed, chip), and the masks of a
-batch from its chips' seeds, so a batch does not depend on which worker made it or on what came before;
-the sampler's position is saved in the checkpoint (:meth:`PretrainDataModule.state_dict`). A resumed run
-therefore sees exactly the batches the uninterrupted run would have seen.
+Mixed resolutions (the official high-resolution stage, ``crops.global_local_crop_pairs_ratios``): given lists
+of global / local (/ Gram) crop sizes, every batch is made at one resolution, drawn per step with the given
+shares by :class:`ResolutionBatchSampler`; the draw depends on (seed, epoch, batch index) only, so all DDP
+ranks run the same resolution at the same step, as the official combined loader.
+
+Exact resume: the augmentation of a chip is drawn from an RNG seeded by (seed, chip), the masks of a batch
+from its chips' seeds and its resolution from its position, so a batch does not depend on which worker made
+it or on what came before; the sampler's position is saved in the checkpoint
+(:meth:`PretrainDataModule.state_dict`). A resumed run therefore sees exactly the batches the uninterrupted
+run would have seen.
 
 Lightning: build the Trainer with ``use_distributed_sampler=False`` (the sampler shards itself).
 """
@@ -21,15 +27,15 @@ Lightning: build the Trainer with ``use_distributed_sampler=False`` (the sampler
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import geopandas as gpd
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from geodino.data import (
     ChipListSampler,
@@ -43,7 +49,14 @@ from geodino.models import get_preset
 from geodino.train.augment import MultiCropAugmentation, collate_multicrop
 from geodino.train.masking import MaskingGenerator
 
-__all__ = ["MultiCropCollate", "MultiCropDataset", "PretrainDataModule"]
+__all__ = [
+    "MultiCropCollate",
+    "MultiCropDataset",
+    "PretrainDataModule",
+    "Resolution",
+    "ResolutionBatchSampler",
+    "SizedRef",
+]
 
 
 def chip_seed(seed: int, ref: ChipRef) -> int:
@@ -53,15 +66,30 @@ def chip_seed(seed: int, ref: ChipRef) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+class Resolution(NamedTuple):
+    """Crop sides of one multi-crop resolution, pixels."""
+
+    global_crops_size: int
+    local_crops_size: int
+    gram_crops_size: int | None = None
+
+
+class SizedRef(NamedTuple):
+    """A chip and the resolution (index into the data module's resolutions) to cut its crops at."""
+
+    resolution: int
+    ref: ChipRef
+
+
 class MultiCropDataset(Dataset):
-    """Chips of a corpus, indexed by :class:`~geodino.data.ChipRef`, as multi-crop samples.
+    """Chips of a corpus, indexed by :class:`SizedRef`, as multi-crop samples.
 
     Nodata pixels (``Chip.valid`` False) are set to 0 after scaling, so padding and collars look the same
     in every raster.
 
     Args:
         corpus: The raster corpus (its scaling maps chips to [0, 1]).
-        augmentation: The multi-crop augmentation.
+        augmentations: One multi-crop augmentation per resolution; ``SizedRef.resolution`` picks one.
         seed: Run seed; with the chip's window it seeds the chip's augmentation.
         store: Read the chips from this chip store (written from ``corpus`` by ``geodino chips``) instead
             of the rasters. The pixels, hence the samples, are the same.
@@ -72,13 +100,13 @@ class MultiCropDataset(Dataset):
     def __init__(
         self,
         corpus: RasterCorpus,
-        augmentation: MultiCropAugmentation,
+        augmentations: Sequence[MultiCropAugmentation],
         seed: int = 0,
         store: ChipStore | None = None,
         store_refs: Sequence[ChipRef] | None = None,
     ) -> None:
         self.chips = CorpusDataset(corpus)
-        self.augmentation = augmentation
+        self.augmentations = list(augmentations)
         self.seed = seed
         self.store = store
         if store is not None and store_refs is None:
@@ -96,13 +124,13 @@ class MultiCropDataset(Dataset):
         chip = self.store[position]
         return self.chips.corpus.scale(chip.image, ref.raster), chip.valid
 
-    def __getitem__(self, ref: ChipRef) -> dict[str, Any]:
-        pixels, valid = self._read(ref)
+    def __getitem__(self, key: SizedRef) -> dict[str, Any]:
+        pixels, valid = self._read(key.ref)
         image = torch.from_numpy(pixels) * torch.from_numpy(valid)
-        sample_seed = chip_seed(self.seed, ref)
+        sample_seed = chip_seed(self.seed, key.ref)
         with torch.random.fork_rng(devices=[]):  # torchvision v2 draws from the global RNG
             torch.manual_seed(sample_seed)
-            crops = self.augmentation(image)
+            crops = self.augmentations[key.resolution](image)
         return {**crops, "seed": sample_seed}
 
 
@@ -110,19 +138,98 @@ class MultiCropDataset(Dataset):
 class MultiCropCollate:
     """Collate of :class:`MultiCropDataset` samples: crop-major stacks plus iBOT masks.
 
-    The masks' RNG is seeded from the samples' seeds, so a batch's masks depend only on its chips.
+    The masks are drawn on the patch grid of the batch's global crops (``patch_size`` pixels per patch),
+    from an RNG seeded by the samples' seeds, so a batch's masks depend only on its chips.
     """
 
-    mask_generator: MaskingGenerator
+    patch_size: int
     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
     mask_sample_probability: float = 0.5
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         rng = np.random.default_rng([s["seed"] for s in samples])
         crops = [{k: v for k, v in s.items() if k != "seed"} for s in samples]
-        return collate_multicrop(
-            crops, self.mask_generator, rng, self.mask_ratio_min_max, self.mask_sample_probability
+        height, width = crops[0]["global_crops"][0].shape[-2:]
+        grid = MaskingGenerator((height // self.patch_size, width // self.patch_size))
+        return collate_multicrop(crops, grid, rng, self.mask_ratio_min_max, self.mask_sample_probability)
+
+
+class ResolutionBatchSampler(Sampler[list[SizedRef]]):
+    """Batches of a chip sampler's chips, each at one resolution drawn with the given shares.
+
+    The resolution of batch ``b`` of epoch ``e`` is drawn from ``numpy`` seeded by ``(seed, e, b)``: the
+    same on every DDP rank (each rank has the same batches per epoch) and the same after a resume (the chip
+    sampler's restored position gives ``b``), as the official combined loader, which draws one loader per
+    step from a seed shared by all ranks. The last incomplete batch of an epoch is dropped.
+
+    Lightning calls ``set_epoch`` on :attr:`sampler` (``batch_sampler.sampler``) at every epoch start.
+
+    Args:
+        sampler: The chip sampler (:class:`~geodino.data.RandomChipSampler` or
+            :class:`~geodino.data.ChipListSampler`).
+        batch_size: Chips per batch.
+        shares: Share of the batches of each resolution (positive; normalised to sum 1).
+        seed: Run seed.
+    """
+
+    def __init__(
+        self,
+        sampler: RandomChipSampler | ChipListSampler,
+        batch_size: int,
+        shares: Sequence[float],
+        seed: int,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not shares or any(not share > 0 for share in shares):
+            raise ValueError(f"resolution shares must be positive numbers, got {list(shares)}")
+        self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
+        self.shares = np.asarray(shares, dtype=np.float64) / np.sum(shares)
+
+    def resolution(self, epoch: int, batch: int) -> int:
+        """The resolution index of batch ``batch`` of ``epoch``."""
+        if len(self.shares) == 1:
+            return 0
+        return int(np.random.default_rng([self.seed, epoch, batch]).choice(len(self.shares), p=self.shares))
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank, also right after a resume (see the chip sampler's length)."""
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[SizedRef]]:
+        refs: list[ChipRef] = []
+        for ref in self.sampler:
+            refs.append(ref)
+            if len(refs) == self.batch_size:
+                # the chip sampler's position counts whole batches, a resumed offset included
+                resolution = self.resolution(self.sampler.epoch, self.sampler.yielded // self.batch_size - 1)
+                yield [SizedRef(resolution, r) for r in refs]
+                refs = []
+
+
+def resolutions(
+    global_crops_size: int | Sequence[int],
+    local_crops_size: int | Sequence[int],
+    gram_crops_size: int | Sequence[int] | None = None,
+) -> list[Resolution]:
+    """The resolutions of crop sizes given as one value or one value per resolution.
+
+    Lists pair up element by element (they must have the same length); a single value serves every
+    resolution.
+
+    Raises:
+        ValueError: Lists of different lengths, or an empty list.
+    """
+    sizes = {"global_crops_size": global_crops_size, "local_crops_size": local_crops_size}
+    sizes["gram_crops_size"] = gram_crops_size
+    lengths = {name: len(v) for name, v in sizes.items() if isinstance(v, Sequence)}
+    if len(set(lengths.values())) > 1 or 0 in lengths.values():
+        raise ValueError(
+            f"crop size lists must have one value per resolution and equal lengths, got lengths {lengths}"
         )
+    n = next(iter(lengths.values()), 1)
+    per_resolution = {name: list(v) if isinstance(v, Sequence) else [v] * n for name, v in sizes.items()}
+    return [Resolution(*values) for values in zip(*per_resolution.values(), strict=True)]
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -144,12 +251,17 @@ class PretrainDataModule(L.LightningDataModule):
         seed: Run seed (chips, augmentation, masks).
         mean: Per-band normalisation mean (default: the preset's).
         std: Per-band normalisation std (default: the preset's).
-        global_crops_size: Side of the global crops, pixels.
-        local_crops_size: Side of the local crops, pixels.
+        global_crops_size: Side of the global crops, pixels; a list for mixed resolutions (one side per
+            resolution, e.g. the official high-resolution stage's ``[512, 768, 768, 768, 768]``).
+        local_crops_size: Side of the local crops, pixels; a list (``[112, 112, 168, 224, 336]``) pairs
+            with a list of global sizes, one value serves every resolution.
         local_crops_number: Local crops per image.
         global_crops_scale: Area fraction range of the global crops.
         local_crops_scale: Area fraction range of the local crops.
-        gram_crops_size: Side of the Gram-teacher crops (Gram stages), None otherwise.
+        gram_crops_size: Side of the Gram-teacher crops (Gram stages), None otherwise; a list (``[768,
+            1152, 1152, 1152, 1152]``) pairs with the global sizes.
+        crop_pairs_ratios: Share of the steps at each resolution (official
+            ``crops.global_local_crop_pairs_ratios``, ``[0.3, 0.3, 0.3, 0.05, 0.05]``); None: equal shares.
         flips: ``"dihedral"``, ``"horizontal"`` or ``"none"`` (see the augmentation).
         rgb_bands: Positions of red, green, blue among the corpus bands, None for no colour operations.
         mask_ratio_min_max: iBOT masking ratio range.
@@ -169,12 +281,13 @@ class PretrainDataModule(L.LightningDataModule):
         seed: int = 0,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
-        global_crops_size: int = 256,
-        local_crops_size: int = 112,
+        global_crops_size: int | list[int] = 256,
+        local_crops_size: int | list[int] = 112,
         local_crops_number: int = 8,
         global_crops_scale: tuple[float, float] = (0.32, 1.0),
         local_crops_scale: tuple[float, float] = (0.05, 0.32),
-        gram_crops_size: int | None = None,
+        gram_crops_size: int | list[int] | None = None,
+        crop_pairs_ratios: list[float] | None = None,
         flips: str = "dihedral",
         rgb_bands: tuple[int, int, int] | None = (0, 1, 2),
         mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
@@ -185,27 +298,36 @@ class PretrainDataModule(L.LightningDataModule):
         backbone = get_preset(preset)
         mean = backbone.mean if mean is None else mean
         std = backbone.std if std is None else std
-        patch_size = backbone.patch_size
-        if global_crops_size % patch_size:
+        self.resolutions = resolutions(global_crops_size, local_crops_size, gram_crops_size)
+        for resolution in self.resolutions:
+            if resolution.global_crops_size % backbone.patch_size:
+                raise ValueError(
+                    f"global_crops_size {resolution.global_crops_size} must be a multiple of the patch size "
+                    f"{backbone.patch_size}"
+                )
+        if crop_pairs_ratios is not None and len(crop_pairs_ratios) != len(self.resolutions):
             raise ValueError(
-                f"global_crops_size {global_crops_size} must be a multiple of the patch size {patch_size}"
+                f"crop_pairs_ratios has {len(crop_pairs_ratios)} values for {len(self.resolutions)} "
+                "resolutions (crop size lists); give one share per resolution"
             )
-        self.augmentation = MultiCropAugmentation(
-            mean,
-            std,
-            global_crops_size=global_crops_size,
-            local_crops_size=local_crops_size,
-            local_crops_number=local_crops_number,
-            global_crops_scale=global_crops_scale,
-            local_crops_scale=local_crops_scale,
-            gram_crops_size=gram_crops_size,
-            flips=flips,
-            rgb_bands=rgb_bands,
-        )
-        grid = global_crops_size // patch_size
-        self.collate = MultiCropCollate(
-            MaskingGenerator((grid, grid)), mask_ratio_min_max, mask_sample_probability
-        )
+        self.shares = [1.0] * len(self.resolutions) if crop_pairs_ratios is None else list(crop_pairs_ratios)
+        self.augmentations = [
+            MultiCropAugmentation(
+                mean,
+                std,
+                global_crops_size=resolution.global_crops_size,
+                local_crops_size=resolution.local_crops_size,
+                local_crops_number=local_crops_number,
+                global_crops_scale=global_crops_scale,
+                local_crops_scale=local_crops_scale,
+                gram_crops_size=resolution.gram_crops_size,
+                flips=flips,
+                rgb_bands=rgb_bands,
+            )
+            for resolution in self.resolutions
+        ]
+        self.num_bands = self.augmentations[0].num_bands
+        self.collate = MultiCropCollate(backbone.patch_size, mask_ratio_min_max, mask_sample_probability)
         self.corpus: RasterCorpus | None = None
         self.store: ChipStore | None = None
         self.chip_set: list[ChipRef] | None = None  # the refs of ``chips`` (in table or store order)
@@ -221,10 +343,10 @@ class PretrainDataModule(L.LightningDataModule):
                 )
             self.corpus = RasterCorpus.load(self.hparams.corpus)
             bands = len(self.corpus.index["bands"].iloc[0])
-            if bands != self.augmentation.num_bands:
+            if bands != self.num_bands:
                 raise ValueError(
                     f"{self.hparams.corpus} reads {bands} bands but the normalisation has "
-                    f"{self.augmentation.num_bands} values; select bands with `geodino index --bands` or "
+                    f"{self.num_bands} values; select bands with `geodino index --bands` or "
                     "give mean/std with one value per band"
                 )
         if self.sampler is None:
@@ -248,10 +370,10 @@ class PretrainDataModule(L.LightningDataModule):
         if os.path.isdir(path):
             self.store = ChipStore(path)
             table = self.store.chips
-            if self.store.bands != self.augmentation.num_bands:
+            if self.store.bands != self.num_bands:
                 raise ValueError(
                     f"{path}: the chip store holds {self.store.bands} bands but the normalisation has "
-                    f"{self.augmentation.num_bands} values"
+                    f"{self.num_bands} values"
                 )
         elif os.path.isfile(path):
             table = gpd.read_parquet(path)
@@ -266,10 +388,11 @@ class PretrainDataModule(L.LightningDataModule):
             ) from None
 
     def train_dataloader(self) -> DataLoader:
-        """Batches of ``batch_size`` images; the last incomplete batch of an epoch is dropped."""
+        """Batches of ``batch_size`` images (:meth:`batch_sampler`); the last incomplete batch of an epoch is
+        dropped."""
         dataset = MultiCropDataset(
             self.corpus,
-            self.augmentation,
+            self.augmentations,
             seed=self.hparams.seed,
             store=self.store,
             store_refs=self.chip_set if self.store is not None else None,
@@ -277,14 +400,16 @@ class PretrainDataModule(L.LightningDataModule):
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=self.sampler,
+            batch_sampler=self.batch_sampler(),
             num_workers=workers,
             collate_fn=self.collate,
             pin_memory=torch.cuda.is_available(),
-            drop_last=True,
             persistent_workers=workers > 0,
         )
+
+    def batch_sampler(self) -> ResolutionBatchSampler:
+        """The batches of the chip sampler (after :meth:`setup`), each with its resolution."""
+        return ResolutionBatchSampler(self.sampler, self.hparams.batch_size, self.shares, self.hparams.seed)
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's position: chips consumed by the batches processed so far this epoch (per rank).

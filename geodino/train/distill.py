@@ -49,6 +49,7 @@ from geodino.train.base import (
     build_networks,
     checkpoint_blocks,
     compile_blocks,
+    compile_losses,
     fsdp_inner,
     head_sizes,
     load_strict,
@@ -166,7 +167,8 @@ class DistillationModule(SSLModule):
         activation_checkpointing: Recompute the students' block activations in the backward pass
             (:func:`~geodino.train.base.checkpoint_blocks`): less memory, the same gradients.
         compile: ``torch.compile`` every transformer block of the teacher and the students
-            (:func:`~geodino.train.base.compile_blocks`).
+            (:func:`~geodino.train.base.compile_blocks`) and the DINO and iBOT losses
+            (:func:`~geodino.train.base.compile_losses`).
 
     Strategies, precisions and FSDP sharding work as for :class:`~geodino.train.module.DINOv3Module`
     (``configure_model``, sharded gradient clipping, gathered export, exact resume).
@@ -262,6 +264,7 @@ class DistillationModule(SSLModule):
         if compile:
             for networks in (self.teacher, *self.students.values()):
                 compile_blocks(networks["backbone"])
+            compile_losses(self.dino_loss, self.ibot_patch_loss)
         if activation_checkpointing:
             for student in self.students.values():
                 checkpoint_blocks(student["backbone"])

@@ -44,6 +44,7 @@ from geodino.train.base import (
     build_networks,
     checkpoint_blocks,
     compile_blocks,
+    compile_losses,
     fsdp_inner,
     head_sizes,
     load_strict,
@@ -148,7 +149,8 @@ class DINOv3Module(SSLModule):
             keeping them (:func:`checkpoint_blocks`): less memory for about a third more compute, the same
             gradients (drop-path draws are replayed).
         compile: ``torch.compile`` every transformer block of the student, teacher and Gram teacher
-            (:func:`compile_blocks`, per block as the official training); compiled on the first step.
+            (:func:`compile_blocks`, per block as the official training) and the DINO and iBOT losses
+            (:func:`compile_losses`); compiled on the first step.
 
     Scaling: one process per GPU with Lightning's ``ddp`` or ``fsdp`` strategy (``Trainer(strategy=...)``),
     any precision (``bf16-mixed`` is the recipe's); ``num_nodes`` and the process ranks come from Lightning's
@@ -258,6 +260,7 @@ class DINOv3Module(SSLModule):
             for networks in (self.student, self.teacher, self.gram_teacher):
                 if networks is not None:
                     compile_blocks(networks["backbone"])
+            compile_losses(self.dino_loss, self.ibot_patch_loss)
         if activation_checkpointing:
             checkpoint_blocks(self.student["backbone"])
         self.train()
