@@ -1,6 +1,6 @@
 """GPU check of DINOv3 pretraining: ViT-L/16 training throughput, peak memory and MFU in bf16 for several
-execution variants (eager, torch.compile, activation checkpointing, fused AdamW), then a short pretrain ->
-Gram anchoring run through Lightning (FSDP, bf16-mixed) on a synthetic corpus.
+execution variants (eager, torch.compile, activation checkpointing, fused AdamW, fp8 blocks), then a short
+pretrain -> Gram anchoring run through Lightning (FSDP, bf16-mixed) on a synthetic corpus.
 
     python benchmarks/train_gpu.py --out results/                    # one H100 / H200: about 5-6 min
     python benchmarks/train_gpu.py --out results/ --skip-lightning   # variants only: about 4 min
@@ -11,7 +11,8 @@ clipping, AdamW, EMA update) of :class:`geodino.train.DINOv3Module` on random cr
 per variant, each on a fresh module and a reset ``torch._dynamo``. ``first_step_s`` includes compilation.
 Model FLOPs per image come from ``torch.utils.flop_counter.FlopCounterMode`` on one eager step at ``--batch``
 (it counts the SDPA kernels; recomputation by checkpointing is not model FLOPs), and MFU = FLOPs per image x
-images/s / peak dense bf16 FLOP/s of the GPU (H100/H200 SXM: 989 TFLOP/s). A variant that runs out of memory
+images/s / peak dense bf16 FLOP/s of the GPU (H100/H200 SXM: 989 TFLOP/s), also for the fp8 variant, so
+that MFU compares the variants on the same model FLOPs and peak. A variant that runs out of memory
 is reported as such and the next one runs.
 Part 2 runs ``Trainer.fit`` (bf16-mixed, ``--stage-strategy``, activation checkpointing in the pretrain
 stage) for the pretrain and Gram stages with the real data pipeline (corpus -> random chips -> multi-crop ->
@@ -60,6 +61,7 @@ class Variant:
     compile: bool = False
     activation_checkpointing: bool = False
     fused_adamw: bool = False
+    fp8: bool = False  # float8 matmuls in the blocks (torchao)
     batch_scale: int = 1  # batch = --batch x batch_scale
 
 
@@ -75,6 +77,7 @@ VARIANTS = {
         Variant(
             "compile_ckpt_4x", compile=True, activation_checkpointing=True, fused_adamw=True, batch_scale=4
         ),
+        Variant("compile_fused_2x_fp8", compile=True, fused_adamw=True, fp8=True, batch_scale=2),
     )
 }
 
@@ -121,6 +124,7 @@ def build(args: argparse.Namespace, device: torch.device, variant: Variant) -> D
             freeze_last_layer=0,
             compile=variant.compile,
             activation_checkpointing=variant.activation_checkpointing,
+            fp8=variant.fp8,
         )
 
 

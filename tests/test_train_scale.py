@@ -172,6 +172,46 @@ def test_activation_checkpointing_keeps_gradients(kind: str, teacher_file: Path)
     assert plain.state_dict().keys() == checkpointed.state_dict().keys()
 
 
+def test_fp8_blocks_train_like_full_precision_and_keep_stored_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fp8=True`` (torchao, emulated on this CPU): the blocks' plain linears of every network become
+    Float8Linear, qkv (masked key bias) keeps its precision, the state dict keeps its keys (the plain
+    module's state loads strictly), the loss and gradients stay close to full precision without being
+    equal, and the exported teacher loads into a plain backbone."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from geodino.models import build_backbone
+    from geodino.models.attention import LinearKMaskedBias
+    from geodino.models.checkpoint import read_state_dict
+
+    torch.manual_seed(0)
+    plain = tiny_module()
+    with pytest.warns(UserWarning, match="emulated"):
+        fp8 = tiny_module(fp8=True)
+    fp8.load_state_dict(plain.state_dict())
+    for networks in (fp8.student, fp8.teacher, fp8.gram_teacher):
+        for block in networks["backbone"].blocks:
+            assert isinstance(block.attn.proj, Float8Linear) and isinstance(block.mlp.fc2, Float8Linear)
+            assert type(block.attn.qkv) is LinearKMaskedBias
+    assert not any(isinstance(m, Float8Linear) for m in plain.modules())
+
+    batch = random_batch(3)
+    loss, grads = loss_and_grads(plain, batch)
+    loss_fp8, grads_fp8 = loss_and_grads(fp8, batch)
+    assert loss_fp8 != loss and loss_fp8.item() == pytest.approx(loss.item(), rel=2e-2)
+    backbone = [name for name in grads if name.startswith("student.backbone.blocks.")]
+    flat, flat_fp8 = (torch.cat([g[name].flatten() for name in backbone]) for g in (grads, grads_fp8))
+    assert torch.nn.functional.cosine_similarity(flat, flat_fp8, dim=0) > 0.98
+
+    vit = build_backbone(PRESET, **TINY)
+    vit.load_state_dict(read_state_dict(fp8.export_teacher(tmp_path / "fp8_teacher.pth")))
+
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # torchao missing: the fix in the message
+    with pytest.raises(ImportError, match="pip install 'geodino\\[fp8\\]'"):
+        tiny_module(fp8=True)
+
+
 def test_checkpointing_and_compile_keep_stored_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.nn.Module, "compile", aot_eager_compile)
     torch._dynamo.reset()

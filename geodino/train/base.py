@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -220,6 +221,45 @@ class SSLModule(L.LightningModule):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(step_seed)
             yield
+
+
+def float8_blocks(backbones: Iterable[DinoVisionTransformer]) -> None:
+    """Float8 matmuls in the transformer blocks of ``backbones``, in place (torchao
+    ``convert_to_float8_training``: dynamic tensorwise scales, inputs and weights in e4m3, output gradients
+    in e5m2), as the official 7B training's fp8 blocks.
+
+    The blocks' plain ``nn.Linear`` layers are swapped: the attention output projection and the MLP (or
+    SwiGLU) layers, three quarters of a block's matmul FLOPs. The fused qkv projection keeps its precision:
+    its key bias is masked (:class:`~geodino.models.attention.LinearKMaskedBias`), which torchao's layer does
+    not do. Parameters, their names and state-dict keys are unchanged, so checkpoints and exports load into
+    plain backbones. Convert before :func:`checkpoint_blocks` and :func:`compile_blocks`; compiled, the
+    scaling casts fuse into the neighbouring kernels.
+
+    Without fp8 tensor cores (CUDA compute capability 8.9 or more: H100, L4, ...) the fp8 matmuls are
+    emulated (operands rounded to fp8, products in higher precision: the same numerics, slower than bf16),
+    with a warning.
+
+    Raises:
+        ImportError: torchao is not installed (``pip install torchao``).
+    """
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as err:
+        raise ImportError("fp8 matmuls need torchao: pip install 'geodino[fp8]' (or torchao)") from err
+    hardware = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    if not hardware:
+        warnings.warn(
+            "fp8=True without fp8 tensor cores (CUDA compute capability >= 8.9, e.g. H100): the fp8 matmuls "
+            "are emulated, with fp8 numerics but slower than bf16",
+            UserWarning,
+            stacklevel=3,
+        )
+    config = Float8LinearConfig(emulate=not hardware)
+    for backbone in backbones:
+        for block in backbone.blocks:
+            convert_to_float8_training(
+                block, module_filter_fn=lambda module, _: type(module) is nn.Linear, config=config
+            )
 
 
 def checkpoint_blocks(backbone: DinoVisionTransformer) -> None:

@@ -50,6 +50,7 @@ from geodino.train.base import (
     checkpoint_blocks,
     compile_blocks,
     compile_losses,
+    float8_blocks,
     fsdp_inner,
     head_sizes,
     load_strict,
@@ -169,6 +170,8 @@ class DistillationModule(SSLModule):
         compile: ``torch.compile`` every transformer block of the teacher and the students
             (:func:`~geodino.train.base.compile_blocks`) and the DINO and iBOT losses
             (:func:`~geodino.train.base.compile_losses`).
+        fp8: Float8 matmuls in the transformer blocks of the teacher and the students
+            (:func:`~geodino.train.base.float8_blocks`, torchao).
 
     Strategies, precisions and FSDP sharding work as for :class:`~geodino.train.module.DINOv3Module`
     (``configure_model``, sharded gradient clipping, gathered export, exact resume).
@@ -210,6 +213,7 @@ class DistillationModule(SSLModule):
         seed: int = 0,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        fp8: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -261,9 +265,12 @@ class DistillationModule(SSLModule):
         self.dino_loss = DINOLoss(student_temp=student_temp)
         self.ibot_patch_loss = iBOTPatchLoss(student_temp=student_temp)
         self.koleo_loss = KoLeoLoss(group_size=koleo_group_size)
+        backbones = [networks["backbone"] for networks in (self.teacher, *self.students.values())]
+        if fp8:
+            float8_blocks(backbones)
         if compile:
-            for networks in (self.teacher, *self.students.values()):
-                compile_blocks(networks["backbone"])
+            for backbone in backbones:
+                compile_blocks(backbone)
             compile_losses(self.dino_loss, self.ibot_patch_loss)
         if activation_checkpointing:
             for student in self.students.values():

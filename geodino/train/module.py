@@ -45,6 +45,7 @@ from geodino.train.base import (
     checkpoint_blocks,
     compile_blocks,
     compile_losses,
+    float8_blocks,
     fsdp_inner,
     head_sizes,
     load_strict,
@@ -151,6 +152,9 @@ class DINOv3Module(SSLModule):
         compile: ``torch.compile`` every transformer block of the student, teacher and Gram teacher
             (:func:`compile_blocks`, per block as the official training) and the DINO and iBOT losses
             (:func:`compile_losses`); compiled on the first step.
+        fp8: Float8 matmuls in the transformer blocks of all networks (:func:`float8_blocks`, torchao;
+            emulated, with a warning, without fp8 tensor cores), as the official 7B training. With
+            ``compile`` for speed.
 
     Scaling: one process per GPU with Lightning's ``ddp`` or ``fsdp`` strategy (``Trainer(strategy=...)``),
     any precision (``bf16-mixed`` is the recipe's); ``num_nodes`` and the process ranks come from Lightning's
@@ -203,6 +207,7 @@ class DINOv3Module(SSLModule):
         seed: int = 0,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        fp8: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -256,10 +261,12 @@ class DINOv3Module(SSLModule):
                 load_strict(gram_backbone, state, gram_from)
             self.gram_teacher = nn.ModuleDict({"backbone": gram_backbone}).requires_grad_(False)
             self.register_buffer("gram_updates", torch.zeros((), dtype=torch.long))
+        backbones = [n["backbone"] for n in (self.student, self.teacher, self.gram_teacher) if n is not None]
+        if fp8:
+            float8_blocks(backbones)
         if compile:
-            for networks in (self.student, self.teacher, self.gram_teacher):
-                if networks is not None:
-                    compile_blocks(networks["backbone"])
+            for backbone in backbones:
+                compile_blocks(backbone)
             compile_losses(self.dino_loss, self.ibot_patch_loss)
         if activation_checkpointing:
             checkpoint_blocks(self.student["backbone"])
