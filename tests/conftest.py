@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +21,23 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found: the shared data/fixtures folder is not next to this checkout")
     return path
+
+
+def assert_same_chips(store: Sequence, source: Sequence) -> None:
+    """The chips of a chip store equal its source's: pixels, valid masks, dtype, window, transform, CRS and
+    path (both ``Sequence[geodino.data.Chip]``)."""
+    assert len(store) == len(source)
+    for i in range(len(source)):
+        want, got = source[i], store[i]
+        assert got.image.dtype == want.image.dtype
+        np.testing.assert_array_equal(got.image, want.image)
+        np.testing.assert_array_equal(got.valid, want.valid)
+        assert (got.window, got.transform, got.crs, got.path) == (
+            want.window,
+            want.transform,
+            want.crs,
+            want.path,
+        )
 
 
 def load_fixture(name: str) -> dict:

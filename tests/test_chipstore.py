@@ -13,7 +13,7 @@ import rasterio.warp
 import shapely
 import torch
 import zarr
-from conftest import shared_path
+from conftest import assert_same_chips, shared_path
 from geopandas.testing import assert_geodataframe_equal
 from torch.utils.data import DataLoader
 
@@ -80,21 +80,6 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiler(scene: Path) -> RasterTiler:
     # 480 px in 128 px chips: the last row and column extend 32 px past the edge (padded chips).
     return RasterTiler(scene, size=128)
-
-
-def assert_same_chips(store: ChipStore, source: RasterTiler | EditedAt) -> None:
-    assert len(store) == len(source)
-    for i in range(len(source)):
-        want, got = source[i], store[i]
-        assert got.image.dtype == want.image.dtype
-        np.testing.assert_array_equal(got.image, want.image)
-        np.testing.assert_array_equal(got.valid, want.valid)
-        assert (got.window, got.transform, got.crs, got.path) == (
-            want.window,
-            want.transform,
-            want.crs,
-            want.path,
-        )
 
 
 def assert_same_store(a: ChipStore, b: ChipStore) -> None:

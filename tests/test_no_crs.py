@@ -13,7 +13,7 @@ import pytest
 import rasterio
 import torch
 import zarr
-from conftest import shared_path
+from conftest import assert_same_chips, shared_path
 from geopandas.testing import assert_geodataframe_equal
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
@@ -210,17 +210,8 @@ def test_chip_store_of_pixel_grid_and_mixed_chips(
         source = CorpusDataset(corpus, chosen, scaled=False)
         store = write_chip_store(tmp_path / f"{name}.zarr", source, chips=table, batch_size=4, progress=False)
         reopened = ChipStore(store.path)
-        for i, ref in enumerate(chosen):
-            want, got = source[i], reopened[i]
-            np.testing.assert_array_equal(got.image, want.image)
-            np.testing.assert_array_equal(got.valid, want.valid)
-            assert (got.window, got.transform, got.crs, got.path) == (
-                want.window,
-                want.transform,
-                want.crs,
-                want.path,
-            )
-            assert (got.crs is None) == (ref.raster < 2)
+        assert_same_chips(reopened, source)
+        assert [reopened[i].crs is None for i in range(len(chosen))] == [r.raster < 2 for r in chosen]
         chips = reopened.chips
         no_crs = np.array([r.raster < 2 for r in chosen])
         assert (chips.geometry.isna().to_numpy() == no_crs).all() and (
