@@ -51,6 +51,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ from geodino.inference.features import normalize
 from geodino.models import build_backbone, get_preset
 from geodino.models.checkpoint import read_state_dict
 from geodino.train import DINOv3Module, ExportTeacher, PretrainDataModule
+from geodino.train.probe import accuracy_miou, knn_predict, patch_labels, stitch, windows
 
 PRESET = "dinov3_vits16.lvd1689m"
 SHARED = Path(os.environ.get("GEODINO_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -83,7 +85,6 @@ GLOBAL_PURITY = 0.5
 #: Row of the table that always predicts the most frequent class of the training images.
 MAJORITY = "majority class of the training images"
 KNN_K = 20
-KNN_TEMPERATURE = 0.07
 
 
 # ----------------------------------------------------------------------------------------- corpus
@@ -321,43 +322,11 @@ def probe_splits(data: Path, corpus: RasterCorpus) -> dict[str, list[ProbeImage]
     }
 
 
-def patch_labels(labels: np.ndarray, patch: int, min_purity: float) -> np.ndarray:
-    """Majority class of each ``patch`` x ``patch`` block of ``labels [H, W]``, row-major ``[H/p · W/p]``.
-
-    A block gets -1 (dropped) when its majority is :data:`IGNORE` or covers less than ``min_purity`` of
-    its pixels. ``H`` and ``W`` must be multiples of ``patch``.
-    """
-    h, w = labels.shape[0] // patch, labels.shape[1] // patch
-    if (h * patch, w * patch) != labels.shape:
-        raise ValueError(f"labels {labels.shape} are not a whole number of {patch} px patches")
-    blocks = labels.reshape(h, patch, w, patch).transpose(0, 2, 1, 3).reshape(h * w, patch * patch)
-    counts = np.stack([(blocks == c).sum(1) for c in range(int(labels.max()) + 1)], axis=1)
-    majority = counts.argmax(1)
-    pure = counts.max(1) >= min_purity * patch * patch
-    return np.where(pure & (majority != IGNORE), majority, -1)
-
-
 # ---------------------------------------------------------------------------------------- features
 
 #: Features of one image: dense ``[n_patches, D]`` (row-major over the patch grid), global ``[n_windows, D]``.
 Features = tuple[Tensor, Tensor]
 Extractor = Callable[[Tensor], Features]
-
-
-def windows(image: Tensor, size: int) -> Tensor:
-    """Non-overlapping ``size`` px windows of ``image [C, H, W]``: ``[H/size · W/size, C, size, size]``."""
-    c, h, w = image.shape
-    if h % size or w % size:
-        raise ValueError(f"image {h} x {w} px is not a whole number of {size} px windows")
-    tiles = image.reshape(c, h // size, size, w // size, size).permute(1, 3, 0, 2, 4)
-    return tiles.reshape(-1, c, size, size)
-
-
-def stitch(patches: Tensor, image_shape: tuple[int, int], size: int, patch: int) -> Tensor:
-    """Per-window patch features ``[n_windows, (size/p)², D]`` to the image's row-major grid ``[N, D]``."""
-    rows, cols, g = image_shape[0] // size, image_shape[1] // size, size // patch
-    grid = patches.reshape(rows, cols, g, g, -1).permute(0, 2, 1, 3, 4)
-    return grid.reshape(rows * g * cols * g, -1)
 
 
 def backbone_extractor(weights: Path, overrides: dict[str, int], window: int) -> Extractor:
@@ -391,27 +360,6 @@ def pixel_extractor(patch: int) -> Extractor:
 # ------------------------------------------------------------------------------------------ probes
 
 
-def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = KNN_K) -> Tensor:
-    """DINO k-NN: the class with the largest sum of exp(cosine / 0.07) over the ``k`` nearest neighbours.
-
-    Args:
-        train_x: ``[N, D]`` features; train_y: ``[N]`` class ids >= 0; test_x: ``[M, D]``.
-
-    Returns:
-        ``[M]`` predicted class ids.
-    """
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    n_classes = int(train_y.max()) + 1
-    out = []
-    for chunk in test_x.split(2048):
-        sim, idx = (chunk @ train_x.T).topk(min(k, len(train_x)), dim=1)
-        votes = torch.zeros(len(chunk), n_classes).scatter_add_(
-            1, train_y[idx], (sim / KNN_TEMPERATURE).exp()
-        )
-        out.append(votes.argmax(1))
-    return torch.cat(out)
-
-
 def linear_predict(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, weight_decay: float, max_iter: int = 100
 ) -> Tensor:
@@ -438,13 +386,6 @@ def linear_predict(
     opt.step(closure)
     with torch.no_grad():
         return (((test_x - mean) / std) @ weight.T + bias).argmax(1)
-
-
-def accuracy_miou(pred: Tensor, true: Tensor) -> tuple[float, float]:
-    """Accuracy and mean IoU over the classes present in ``pred`` or ``true`` (``[M]`` class ids)."""
-    classes = torch.unique(torch.cat([pred, true]))
-    ious = [((pred == c) & (true == c)).sum() / ((pred == c) | (true == c)).sum() for c in classes]
-    return float((pred == true).float().mean()), float(torch.stack(ious).mean())
 
 
 Probe = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -481,7 +422,7 @@ def evaluate(
     """
     probes: dict[str, Probe] = {
         "majority": majority_probe,
-        "knn": knn_predict,
+        "knn": partial(knn_predict, k=KNN_K),
         "linear": lambda x, y, t: linear_predict(x, y, t, weight_decay),
     }
     out = {}
@@ -493,7 +434,7 @@ def evaluate(
         for kind, (which, size, min_purity) in kinds.items():
             xs, ys, gs = [], [], []
             for img, feats in zip(images, features, strict=True):
-                y = torch.from_numpy(patch_labels(img.labels, size, min_purity))
+                y = torch.from_numpy(patch_labels(img.labels, size, min_purity, IGNORE))
                 xs.append(feats[which][y >= 0])
                 ys.append(y[y >= 0])
                 gs.append(torch.full_like(ys[-1], img.group))
@@ -511,7 +452,7 @@ def label_counts(splits: dict[str, list[ProbeImage]], patch: int, purity: float)
     lines = []
     for split in ("loveda tiles", "potsdam halves"):
         for img in splits[split]:
-            y = patch_labels(img.labels, patch, purity)
+            y = patch_labels(img.labels, patch, purity, IGNORE)
             counts = np.bincount(y[y >= 0])
             lines.append(
                 f"{split.split()[0]} {img.name}: {int((y >= 0).sum())} / {y.size} patches kept; per class "

@@ -1,8 +1,8 @@
-"""The probe helpers of ``benchmarks/learning_signal.py`` give known answers on synthetic labels and features.
+"""The probe helpers of ``benchmarks/learning_signal.py`` give known answers on synthetic features.
 
-Patch labels take each block's majority class and drop impure or "ignore" blocks, in row-major order;
-window features are stitched back to the image's patch grid; the metrics match hand-computed values; the
-k-NN and linear probes reach high accuracy on separable features and stay near chance on random ones.
+Pixel features of windows are stitched back to the image's patch grid; the k-NN and linear probes reach
+high accuracy on separable features and stay near chance on random ones (the shared probe functions of
+``geodino.train.probe`` are tested in ``test_probe.py``).
 """
 
 from __future__ import annotations
@@ -32,23 +32,6 @@ def ls():
         del sys.modules["learning_signal"]
 
 
-def test_patch_labels_majority_purity_and_order(ls) -> None:
-    labels = np.zeros((8, 12), np.uint8)
-    labels[:4, :4] = 3  # pure
-    labels[:4, 4:8] = 2
-    labels[:2, 4:8] = 0  # half ignore: majority tie broken towards the lower id, ignore
-    labels[:4, 8:] = 5
-    labels[0, 8:11] = 1  # 13 / 16 = 81 % class 5
-    labels[4:, :4] = 6
-    labels[4:6, :3] = 7  # 10 / 16 = 62 % class 6
-    labels[4:, 4:8] = 4
-    labels[4:, 8:] = 0  # all ignore
-    np.testing.assert_array_equal(ls.patch_labels(labels, 4, 0.75), [3, -1, 5, -1, 4, -1])
-    np.testing.assert_array_equal(ls.patch_labels(labels, 4, 0.6), [3, -1, 5, 6, 4, -1])
-    with pytest.raises(ValueError, match="whole number"):
-        ls.patch_labels(labels[:, :10], 4, 0.75)
-
-
 def test_window_features_are_stitched_row_major(ls) -> None:
     image = torch.randn(3, 128, 256)
     dense, pooled = ls.pixel_extractor(16)(image)
@@ -62,12 +45,6 @@ def test_window_features_are_stitched_row_major(ls) -> None:
     # per-window patch features [n_windows, (size/p)², D] (32 px windows) back on the image grid
     per_window = ls.windows(grid.permute(2, 0, 1), 2).flatten(2).transpose(1, 2)
     torch.testing.assert_close(ls.stitch(per_window, (128, 256), 32, 16), dense)
-
-
-def test_accuracy_miou_known_values(ls) -> None:
-    acc, miou = ls.accuracy_miou(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 1]))
-    assert acc == pytest.approx(0.6)
-    assert miou == pytest.approx((1 / 2 + 2 / 4 + 0) / 3)  # class 2: predicted, never true
 
 
 @pytest.mark.parametrize("probe", ["knn", "linear"])

@@ -18,6 +18,7 @@ from geodino.train.losses import (
 from geodino.train.masking import MaskingGenerator
 from geodino.train.module import DINOv3Module
 from geodino.train.param_groups import layer_id, param_groups
+from geodino.train.probe import DenseKNNProbe
 from geodino.train.schedules import Schedule
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "DINOLoss",
     "DINOLossTerms",
     "DINOv3Module",
+    "DenseKNNProbe",
     "DistillationModule",
     "ExportTeacher",
     "GramLoss",
