@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from geodino.data import RasterCorpus, make_scene
 from geodino.models import build_backbone
-from geodino.train import DenseKNNProbe, DINOv3Module, PretrainDataModule
+from geodino.train import DenseKNNProbe, DINOv3Module, DistillationModule, PretrainDataModule
 from geodino.train.probe import accuracy_miou, dense_features, knn_predict, patch_labels
 
 PRESET = "dinov3_vits16.lvd1689m"
@@ -86,8 +86,13 @@ def _labelled_scenes(folder: Path, n: int) -> tuple[list[str], list[str]]:
     return images, labels
 
 
-def _fit(tmp_path: Path, probe: DenseKNNProbe, steps: int) -> Path:
-    """A tiny DINOv3 fit with ``probe``, logging to CSV; returns the metrics file."""
+def tiny_module() -> DINOv3Module:
+    return DINOv3Module(PRESET, backbone_overrides=TINY, freeze_last_layer=0, lr={"peak": 1e-3}, **HEADS)
+
+
+def _fit(tmp_path: Path, probe: DenseKNNProbe, steps: int, module: L.LightningModule | None = None) -> Path:
+    """A tiny fit of ``module`` (a tiny DINOv3Module by default) with ``probe``, logging to CSV; returns the
+    metrics file."""
     scene = make_scene(tmp_path / "train.tif", size=256, bands=3, seed=9)
     RasterCorpus.from_paths([scene.path], progress=False).save(tmp_path / "corpus.parquet")
     data = PretrainDataModule(
@@ -101,7 +106,7 @@ def _fit(tmp_path: Path, probe: DenseKNNProbe, steps: int) -> Path:
         local_crops_size=16,
         local_crops_number=2,
     )
-    module = DINOv3Module(PRESET, backbone_overrides=TINY, freeze_last_layer=0, lr={"peak": 1e-3}, **HEADS)
+    module = tiny_module() if module is None else module
     logger = CSVLogger(tmp_path, name="logs")
     trainer = L.Trainer(
         accelerator="cpu",
@@ -121,13 +126,39 @@ def test_probe_callback_logs_the_teacher_probe_every_n_steps(tmp_path: Path) -> 
     images, labels = _labelled_scenes(tmp_path, 2)
     probe = DenseKNNProbe(images, labels, every_n_steps=2, window=64, k=5, ignore_index=None)
     metrics = _fit(tmp_path, probe, steps=4)
-    assert [h["step"] for h in probe.history] == [0, 2, 4]
+    assert [(h["step"], h["network"]) for h in probe.history] == [
+        (0, "teacher"),
+        (2, "teacher"),
+        (4, "teacher"),
+    ]
     for record in probe.history:
         assert 0 < record["knn_miou"] <= 1
         assert 1 / 6 < record["knn_accuracy"] <= 1  # synthetic land cover: well above chance
-    rows = [r for r in csv.DictReader(metrics.open()) if r.get("probe/knn_miou")]
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("probe/teacher/knn_miou")]
     assert [int(r["step"]) for r in rows] == [0, 2, 4]
-    assert float(rows[-1]["probe/knn_accuracy"]) == pytest.approx(probe.history[-1]["knn_accuracy"])
+    assert float(rows[-1]["probe/teacher/knn_accuracy"]) == pytest.approx(probe.history[-1]["knn_accuracy"])
+
+
+def test_probe_callback_probes_every_distilled_student(tmp_path: Path) -> None:
+    teacher = tiny_module().export_teacher(tmp_path / "teacher.pth")
+    students = [
+        {"name": name, "backbone": PRESET, "backbone_overrides": {**TINY, "depth": depth}}
+        for name, depth in (("one", 1), ("two", 2))
+    ]
+    module = DistillationModule(
+        PRESET, str(teacher), students, backbone_overrides=TINY, freeze_last_layer=0, **HEADS
+    )
+    images, labels = _labelled_scenes(tmp_path, 2)
+    probe = DenseKNNProbe(images, labels, every_n_steps=1, window=64, k=5, ignore_index=None)
+    metrics = _fit(tmp_path, probe, steps=1, module=module)
+    assert [(h["step"], h["network"]) for h in probe.history] == [
+        (0, "one"),
+        (0, "two"),
+        (1, "one"),
+        (1, "two"),
+    ]
+    header = next(csv.reader(metrics.open()))
+    assert {"probe/one/knn_miou", "probe/two/knn_accuracy"} <= set(header)
 
 
 def test_probe_rejects_mismatched_labels(tmp_path: Path) -> None:

@@ -94,6 +94,11 @@ class SSLModule(L.LightningModule):
         """Runs after the optimizer step ``step`` with that step's schedule values (EMA updates)."""
         raise NotImplementedError
 
+    def exported_backbones(self) -> dict[str, nn.Module]:
+        """``name -> backbone`` of the networks that ``export_teacher`` writes (the EMA networks, in eval
+        mode), e.g. for :class:`~geodino.train.probe.DenseKNNProbe`."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ modes and schedules
 
     def train(self, mode: bool = True) -> SSLModule:

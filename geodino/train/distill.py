@@ -432,6 +432,10 @@ class DistillationModule(SSLModule):
                     torch.save({"teacher": state}, tmp)
         return paths
 
+    def exported_backbones(self) -> dict[str, nn.Module]:
+        """Each student's EMA backbone, by student name."""
+        return {name: ema["backbone"] for name, ema in self.students_ema.items()}
+
     def export_teacher(self, path: str | os.PathLike) -> list[Path]:
         """The :class:`~geodino.train.callbacks.ExportTeacher` hook: :meth:`export_students` beside ``path``.
 

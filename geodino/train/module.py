@@ -369,6 +369,10 @@ class DINOv3Module(SSLModule):
         """The student's backbone, DINO head and iBOT head, clipped separately (official)."""
         yield from self.student.items()
 
+    def exported_backbones(self) -> dict[str, nn.Module]:
+        """The EMA teacher's backbone, as ``"teacher"``."""
+        return {"teacher": self.teacher["backbone"]}
+
     def after_optimizer_step(self, step: int, values: dict[str, float]) -> None:
         """EMA update of the teacher, then the Gram-teacher refresh when due."""
         self.update_ema(values["momentum"])

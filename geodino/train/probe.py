@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -119,10 +120,13 @@ def accuracy_miou(pred: Tensor, true: Tensor) -> tuple[float, float]:
 
 
 class DenseKNNProbe(L.Callback):
-    """Dense k-NN probe of the EMA teacher's patch features on labelled images, every ``every_n_steps``.
+    """Dense k-NN probe of the exported networks' patch features on labelled images, every ``every_n_steps``.
 
-    Logs ``probe/knn_accuracy`` and ``probe/knn_miou`` (means over the leave-one-image-out folds; with one
-    image, its left and right halves) at step 0 (the random or ``init_from`` start) and after every
+    The networks are the module's ``exported_backbones()``: the EMA teacher of
+    :class:`~geodino.train.module.DINOv3Module` (``teacher``), or each student's EMA copy of
+    :class:`~geodino.train.distill.DistillationModule` (by student name). For each, logs
+    ``probe/<name>/knn_accuracy`` and ``probe/<name>/knn_miou`` (means over the leave-one-image-out folds;
+    with one image, its left and right halves) at step 0 (the random or ``init_from`` start) and after every
     ``every_n_steps`` optimisation steps, to the trainer's logger and :attr:`history`, and prints them on
     rank 0.
 
@@ -165,7 +169,7 @@ class DenseKNNProbe(L.Callback):
         self.images, self.labels = [os.fspath(p) for p in images], [os.fspath(p) for p in labels]
         self.every_n_steps, self.window, self.k = every_n_steps, window, k
         self.ignore_index, self.min_purity, self.bands = ignore_index, min_purity, list(bands)
-        self.history: list[dict[str, float]] = []  # {"step", "knn_accuracy", "knn_miou"} per probe
+        self.history: list[dict[str, Any]] = []  # {"step", "network", "knn_accuracy", "knn_miou"}
         self._data: list[tuple[Tensor, np.ndarray]] | None = None
         self._last_step = -1
 
@@ -213,7 +217,18 @@ class DenseKNNProbe(L.Callback):
         self._last_step = step
         if self._data is None:
             self._data = self._load(pl_module.hparams.backbone)
-        backbone = pl_module.teacher["backbone"]
+        for name, backbone in pl_module.exported_backbones().items():
+            accuracy, miou = self._score(trainer, backbone)
+            self.history.append({"step": step, "network": name, "knn_accuracy": accuracy, "knn_miou": miou})
+            if trainer.logger is not None:
+                metrics = {f"probe/{name}/knn_accuracy": accuracy, f"probe/{name}/knn_miou": miou}
+                trainer.logger.log_metrics(metrics, step=step)
+            rank_zero_info(
+                f"step {step}: dense k-NN probe of {name}: accuracy {accuracy:.3f}, mIoU {miou:.3f}"
+            )
+
+    def _score(self, trainer: L.Trainer, backbone: torch.nn.Module) -> tuple[float, float]:
+        """Mean (accuracy, mIoU) of the leave-one-image-out folds for ``backbone``'s features."""
         patch = backbone.patch_size
         features, targets, groups = [], [], []
         with trainer.precision_plugin.forward_context():
@@ -231,7 +246,4 @@ class DenseKNNProbe(L.Callback):
         if not folds:
             raise ValueError(f"the probe images {self.images} have no labelled patch to test on")
         accuracy, miou = (float(np.mean(values)) for values in zip(*folds, strict=True))
-        self.history.append({"step": step, "knn_accuracy": accuracy, "knn_miou": miou})
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({"probe/knn_accuracy": accuracy, "probe/knn_miou": miou}, step=step)
-        rank_zero_info(f"step {step}: dense k-NN probe accuracy {accuracy:.3f}, mIoU {miou:.3f}")
+        return accuracy, miou
