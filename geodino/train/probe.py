@@ -136,7 +136,8 @@ class DenseKNNProbe(L.Callback):
     scores are the same on every rank. Compiled blocks compile once more for the window size.
 
     Args:
-        images: Image rasters (any size; cropped to whole windows from the top left).
+        images: Small image rasters, read whole into memory (a few thousand pixels a side at most;
+            cropped to whole windows from the top left).
         labels: One class-id raster per image, on the same pixel grid.
         every_n_steps: Steps between probes.
         window: Window side, pixels (a multiple of the patch size).
