@@ -10,10 +10,11 @@ product with the teacher targets, sums). Candidate: the same modules after
 at 64 images per GPU: the iBOT call on M = 4915 masked patches (128 global crops x 256 patches x 0.5 masked x
 0.3 mean ratio), the DINO call on 2 x 64 global and 8 x 64 local CLS rows, bf16 student logits (the head's
 output under autocast) and float32 teacher targets. The compiled iBOT loss is first called with two other
-row counts, so the timed graph is the dynamic one that training reuses when the masked-patch count changes
-every step. Reports the median of ``--repeats`` timed forward + backward calls after the warm-up, and the
-largest difference of loss and of student-logit gradient (relative to the largest gradient entry; the
-gradient is bf16, as the logits, so one bf16 rounding is ~4e-3) between the two.
+row counts, so the timed graph is the dynamic one that training with mixed crop resolutions reuses (the
+masked-patch count is fixed by the batch and crop sizes). Reports the median of ``--repeats`` timed
+forward + backward calls after the warm-up, and the largest difference of loss and of student-logit
+gradient (relative to the largest gradient entry; the gradient is bf16, as the logits, so one bf16 rounding
+is ~4e-3) between the two.
 """
 
 from __future__ import annotations

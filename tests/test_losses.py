@@ -481,8 +481,8 @@ def test_losses_stay_float32_under_bf16_autocast() -> None:
 
 def test_compiled_losses_match_eager_without_recompiling_per_step() -> None:
     """``compile_losses`` with the default inductor backend: DINO and iBOT losses and their gradients equal
-    the eager ones on bf16 student logits, and a new number of masked patches at every step compiles the
-    iBOT graph at most twice (static, then dynamic), never once per step."""
+    the eager ones on bf16 student logits, and new numbers of masked patches (other crop resolutions)
+    compile the iBOT graph at most twice (static, then dynamic), not once per new count."""
     torch._dynamo.reset()
     generator = torch.Generator().manual_seed(0)
     k, batch = 384, 3

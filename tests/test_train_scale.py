@@ -108,16 +108,21 @@ def tiny_distiller(teacher_file: Path, **kwargs: Any) -> DistillationModule:
     )
 
 
-def random_batch(seed: int) -> dict[str, Tensor]:
-    """A multi-crop batch of random crops (with Gram crops) and non-empty iBOT masks."""
+def random_batch(seed: int, sizes: tuple[int, int, int] = (GLOBAL, LOCAL, GRAM)) -> dict[str, Tensor]:
+    """A multi-crop batch of random crops (with Gram crops; global, local, Gram ``sizes`` in pixels) and
+    non-empty iBOT masks."""
     gen = torch.Generator().manual_seed(seed)
+    global_size, local_size, gram_size = sizes
     masks = sample_batch_masks(
-        2 * BATCH, MaskingGenerator(GLOBAL // 16), np.random.default_rng(seed), mask_sample_probability=1.0
+        2 * BATCH,
+        MaskingGenerator(global_size // 16),
+        np.random.default_rng(seed),
+        mask_sample_probability=1.0,
     )
     return {
-        "collated_global_crops": torch.randn(2 * BATCH, 3, GLOBAL, GLOBAL, generator=gen),
-        "collated_local_crops": torch.randn(N_LOCAL * BATCH, 3, LOCAL, LOCAL, generator=gen),
-        "collated_gram_crops": torch.randn(2 * BATCH, 3, GRAM, GRAM, generator=gen),
+        "collated_global_crops": torch.randn(2 * BATCH, 3, global_size, global_size, generator=gen),
+        "collated_local_crops": torch.randn(N_LOCAL * BATCH, 3, local_size, local_size, generator=gen),
+        "collated_gram_crops": torch.randn(2 * BATCH, 3, gram_size, gram_size, generator=gen),
         "collated_masks": masks,
     }
 
@@ -210,6 +215,29 @@ def test_fp8_blocks_train_like_full_precision_and_keep_stored_names(
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # torchao missing: the fix in the message
     with pytest.raises(ImportError, match="pip install 'geodino\\[fp8\\]'"):
         tiny_module(fp8=True)
+
+
+def test_compiled_module_reuses_its_graphs_across_crop_resolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixed resolutions under ``compile=True``, with schedules that change every step: the first crop sizes
+    compile blocks and losses, then every size reuses those graphs (no compilation per step, no schedule
+    value baked into a graph)."""
+    monkeypatch.setattr(torch.nn.Module, "compile", aot_eager_compile)
+    torch._dynamo.reset()
+    module = tiny_module(
+        compile=True,
+        teacher_temp={"start": 0.04, "peak": 0.07, "warmup": 10},
+        gram_loss_weight={"start": 0.0, "peak": 1.0, "warmup": 10},
+    )
+    resolutions = [(32, 16, 64), (48, 32, 96), (64, 16, 96)]
+    graphs = []
+    for round_ in range(2):
+        for i, sizes in enumerate(resolutions):
+            step = 3 * round_ + i
+            loss = module.compute_losses(random_batch(step, sizes), step=step)["loss"]
+            loss.backward()
+            assert torch.isfinite(loss)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0]
 
 
 def test_checkpointing_and_compile_keep_stored_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

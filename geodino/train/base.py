@@ -299,9 +299,10 @@ def compile_losses(*losses: nn.Module) -> None:
     For :class:`~geodino.train.losses.DINOLoss` and :class:`~geodino.train.losses.iBOTPatchLoss`: eager
     float32 log-softmax and cross-entropy make about ten passes over the [rows, K] scores in forward and
     backward (cast, temperature, log-softmax, product, sum, and their gradients); compiled, they fuse into
-    a few (``benchmarks/prototype_losses.py``: ~4x on the iBOT loss of a ViT-L step on a CPU). The number of
-    masked patches changes every step: after its second value the iBOT graph is recompiled once with a
-    dynamic row count, then reused.
+    a few (``benchmarks/prototype_losses.py``: ~4.9x on the iBOT loss of a ViT-L step on a CPU). The number
+    of masked patches is fixed by the batch and crop sizes; with mixed crop resolutions it changes with the
+    resolution, and after its second value the iBOT graph is recompiled once with a dynamic row count, then
+    reused.
     """
     for loss in losses:
         loss.compile()
