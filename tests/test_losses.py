@@ -484,6 +484,7 @@ def test_compiled_losses_match_eager_without_recompiling_per_step() -> None:
     the eager ones on bf16 student logits, and new numbers of masked patches (other crop resolutions)
     compile the iBOT graph at most twice (static, then dynamic), not once per new count."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counts of earlier tests in this process
     generator = torch.Generator().manual_seed(0)
     k, batch = 384, 3
     eager = {"dino": DINOLoss(), "ibot": iBOTPatchLoss()}
@@ -508,4 +509,4 @@ def test_compiled_losses_match_eager_without_recompiling_per_step() -> None:
         assert results["compiled"][2].abs().sum() > 0  # gradient reached the local crops
     assert compiled["ibot"]._compiled_call_impl is not None
     # the DINO graph once, the iBOT graph at most twice: 4 row counts, no per-step recompilation
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+    assert 2 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import shared_path
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from rasterio.windows import Window
 
 from geodino.data import ChipListSampler, ChipRef, RandomChipSampler, RasterCorpus
 from geodino.io import write_geoparquet
 from geodino.train.data import (
+    MultiCropDataset,
     PretrainDataModule,
     Resolution,
     ResolutionBatchSampler,
@@ -88,30 +91,50 @@ def test_bad_shares_are_refused() -> None:
             ResolutionBatchSampler(chips, batch_size=2, shares=shares, seed=0)
 
 
-def test_data_module_makes_each_batch_at_its_resolution(tmp_path: Path) -> None:
+SIZES = {"global_crops_size": [32, 48], "local_crops_size": [16, 24], "gram_crops_size": [48, 96]}
+
+
+@pytest.fixture(scope="module")
+def chip_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus of two real rasters and a table of 24 of its 96 px chips, in one folder."""
+    folder = tmp_path_factory.mktemp("mixed")
     rasters = shared_path("data", "rasters")
     corpus = RasterCorpus.from_paths(
         [rasters / name for name in ("RGB.byte.tif", "cogeo.tif")], bands=[1, 2, 3], progress=False
     )
-    corpus.save(tmp_path / "corpus.parquet")
+    corpus.save(folder / "corpus.parquet")
     table = corpus.chip_table(
         RandomChipSampler(corpus.valid_maps, size=96, num_samples=24, seed=0).epoch_refs(0)
     )
-    write_geoparquet(table, tmp_path / "chips.parquet")
-    common = {"preset": "dinov3_vits16.lvd1689m", "batch_size": 3, "num_workers": 0, "local_crops_number": 2}
-    sizes = {"global_crops_size": [32, 48], "local_crops_size": [16, 24], "gram_crops_size": [48, 96]}
-    with pytest.raises(ValueError, match="crop_pairs_ratios has 3 values for 2 resolutions"):
-        PretrainDataModule(str(tmp_path / "corpus.parquet"), crop_pairs_ratios=[1, 1, 1], **common, **sizes)
-    with pytest.raises(ValueError, match="multiple of the patch size 16"):
-        PretrainDataModule(str(tmp_path / "corpus.parquet"), **common, global_crops_size=[32, 40])
+    write_geoparquet(table, folder / "chips.parquet")
+    return folder
 
-    dm = PretrainDataModule(
-        str(tmp_path / "corpus.parquet"),
-        chips=str(tmp_path / "chips.parquet"),
-        crop_pairs_ratios=[0.5, 0.5],
-        **common,
-        **sizes,
-    )
+
+def datamodule(folder: Path, **kwargs) -> PretrainDataModule:
+    """Batches of 3 of the chip set at two resolutions, half of the steps each (``kwargs`` override)."""
+    args = {
+        "chips": str(folder / "chips.parquet"),
+        "preset": "dinov3_vits16.lvd1689m",
+        "batch_size": 3,
+        "num_workers": 0,
+        "local_crops_number": 2,
+        "crop_pairs_ratios": [0.5, 0.5],
+        **SIZES,
+    }
+    return PretrainDataModule(str(folder / "corpus.parquet"), **{**args, **kwargs})
+
+
+def test_data_module_refuses_bad_resolutions(chip_set: Path) -> None:
+    with pytest.raises(ValueError, match="crop_pairs_ratios has 3 values for 2 resolutions"):
+        datamodule(chip_set, crop_pairs_ratios=[1, 1, 1])
+    with pytest.raises(ValueError, match="shares must be positive"):
+        datamodule(chip_set, crop_pairs_ratios=[1, 0])
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        datamodule(chip_set, global_crops_size=[32, 40])
+
+
+def test_data_module_makes_each_batch_at_its_resolution(chip_set: Path) -> None:
+    dm = datamodule(chip_set)
     dm.setup("fit")
     loader = dm.train_dataloader()
     expected = [dm.batch_sampler().resolution(0, b) for b in range(len(loader))]
@@ -124,3 +147,31 @@ def test_data_module_makes_each_batch_at_its_resolution(tmp_path: Path) -> None:
         patches = (global_size // 16) ** 2
         assert batch["collated_masks"].shape == (6, patches)
         assert batch["mask_indices_list"].max() < 6 * patches
+
+
+def test_data_module_resumes_mid_epoch_and_refuses_other_batch_settings(chip_set: Path) -> None:
+    dm = datamodule(chip_set)
+    dm.setup("fit")
+    full = list(dm.train_dataloader())
+    state = {"sampler": dm.sampler.state_dict(consumed=3 * 3), "batches": dm._batch_config()}  # 3 batches
+    resumed = datamodule(chip_set)
+    resumed.load_state_dict(state)
+    resumed.setup("fit")
+    loader = resumed.train_dataloader()
+    rest = list(loader)
+    assert len(rest) == len(full) - 3
+    for got, want in zip(rest, full[3:], strict=True):
+        for key in ("collated_global_crops", "collated_local_crops", "collated_gram_crops", "collated_masks"):
+            assert torch.equal(got[key], want[key]), key
+    _set_sampler_epoch(loader, 1)  # what Lightning calls at an epoch start reaches the chip sampler
+    assert resumed.sampler.epoch == 1
+    with pytest.raises(TypeError, match="SizedRef"):
+        MultiCropDataset(resumed.corpus, resumed.augmentations)[resumed.sampler.epoch_refs(0)[0]]
+
+    for change, saved_now in (
+        ({"batch_size": 4}, "batch_size: saved 3, now 4"),
+        ({"crop_pairs_ratios": [0.2, 0.8]}, r"shares: saved \[0.5, 0.5\], now \[0.2, 0.8\]"),
+        ({"global_crops_size": [32, 64]}, "resolutions: saved"),
+    ):
+        with pytest.raises(ValueError, match=f"cannot resume with different batches .*{saved_now}"):
+            datamodule(chip_set, **change).load_state_dict(state)

@@ -161,8 +161,10 @@ def test_probe_callback_probes_every_distilled_student(tmp_path: Path) -> None:
     assert {"probe/one/knn_miou", "probe/two/knn_accuracy"} <= set(header)
 
 
-def test_probe_rejects_mismatched_labels(tmp_path: Path) -> None:
+def test_probe_bad_inputs_name_the_file_and_the_fix(tmp_path: Path) -> None:
     images, labels = _labelled_scenes(tmp_path, 1)
+    with pytest.raises(ValueError, match="lists of paths"):
+        DenseKNNProbe(images[0], labels[0])
     with pytest.raises(ValueError, match="one label raster per image"):
         DenseKNNProbe(images, labels * 2)
     small = tmp_path / "small.tif"
@@ -170,9 +172,16 @@ def test_probe_rejects_mismatched_labels(tmp_path: Path) -> None:
         profile = {**src.profile, "width": 128, "height": 128}
         with rasterio.open(small, "w", **profile) as dst:
             dst.write(src.read(window=((0, 128), (0, 128))))
-    probe = DenseKNNProbe(images, [str(small)], every_n_steps=1, window=64)
-    with pytest.raises(ValueError, match=rf"{small}.*not on the grid of"):
-        _fit(tmp_path, probe, steps=1)
+    failures = [
+        ({"labels": [str(small)]}, rf"{small}.*not on the grid of {images[0]}"),
+        ({"window": 40}, "window 40 px must be a multiple of the patch size 16"),
+        ({"window": 192}, rf"{images[0]}: 256 x 256 px is smaller than the probe needs \(192 x 384 px"),
+        ({"bands": [1, 2]}, "reads 2 bands .* training normalises 3; set the probe's bands"),
+    ]
+    for change, message in failures:
+        probe = DenseKNNProbe(**{"images": images, "labels": labels, "window": 64, **change})
+        with pytest.raises(ValueError, match=message):
+            _fit(tmp_path, probe, steps=1)
 
 
 def test_probe_on_loveda_tiles(tmp_path: Path) -> None:

@@ -52,10 +52,12 @@ from torch.distributed.fsdp import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
+from geodino.data import make_scene
 from geodino.train.augment import masked_patch_index
 from geodino.train.distill import DistillationModule
 from geodino.train.masking import MaskingGenerator, sample_batch_masks
 from geodino.train.module import DINOv3Module
+from geodino.train.probe import DenseKNNProbe
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "dinov3_vits16.lvd1689m"
@@ -223,6 +225,7 @@ def test_compiled_module_reuses_its_graphs_across_crop_resolutions(monkeypatch: 
     value baked into a graph)."""
     monkeypatch.setattr(torch.nn.Module, "compile", aot_eager_compile)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counts of earlier tests in this process
     module = tiny_module(
         compile=True,
         teacher_temp={"start": 0.04, "peak": 0.07, "warmup": 10},
@@ -243,6 +246,7 @@ def test_compiled_module_reuses_its_graphs_across_crop_resolutions(monkeypatch: 
 def test_checkpointing_and_compile_keep_stored_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.nn.Module, "compile", aot_eager_compile)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counts of earlier tests in this process
     batch = random_batch(1)
     modules, checkpoints = {}, {}
     for name, options in (("plain", {}), ("scaled", {"activation_checkpointing": True, "compile": True})):
@@ -287,6 +291,7 @@ def test_checkpointing_and_compile_keep_stored_names(tmp_path: Path, monkeypatch
     for name, grad in grads.items():
         torch.testing.assert_close(grads_scaled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counts of earlier tests in this process
 
 
 #: Operators that make the host wait for the device (their output size or value is data-dependent).
@@ -384,14 +389,30 @@ class RecordAndExport(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         held = sum(p.numel() for p in pl_module.student.parameters())
-        record = {"steps": self.steps, "student_elements": held}
+        probe = next(c for c in trainer.callbacks if isinstance(c, DenseKNNProbe))
+        record = {"steps": self.steps, "student_elements": held, "probe": probe.history}
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
         pl_module.export_teacher(self.folder / "teacher.pth")
 
 
+def probe_scenes(folder: Path) -> tuple[list[str], list[str]]:
+    """Two 128 px synthetic scenes and their land-cover maps in ``folder`` (written once, before the
+    processes start), for a :class:`DenseKNNProbe`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = (
+        [str(folder / f"scene{i}.tif") for i in range(2)],
+        [str(folder / f"lc{i}.tif") for i in range(2)],
+    )
+    if not Path(labels[-1]).exists():
+        for i in range(2):
+            make_scene(images[i], size=128, bands=3, seed=i, labels_path=labels[i])
+    return images, labels
+
+
 def distributed_fit(strategy: str, folder: Path) -> None:
     """One 2-process CPU run (``ddp``, or ``fsdp`` with checkpointing and compilation) of
-    :func:`tiny_module`, checkpointed in ``folder``."""
+    :func:`tiny_module`, checkpointed in ``folder``, with a dense k-NN probe of the teacher at steps 0 and 2
+    (at step 0 under FSDP, before the root's first forward)."""
     torch.nn.Module.compile = aot_eager_compile
     folder.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0)
@@ -411,7 +432,10 @@ def distributed_fit(strategy: str, folder: Path) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[RecordAndExport(folder)],
+        callbacks=[
+            RecordAndExport(folder),
+            DenseKNNProbe(*probe_scenes(folder.parent / "probe"), every_n_steps=2, window=64, k=5),
+        ],
     )
     trainer.fit(module, DataLoader(batches, batch_size=None))
     assert int(module.gram_updates) == 1
@@ -429,6 +453,7 @@ def run_script(*args: str | Path) -> None:
 
 @pytest.mark.slow
 def test_fsdp_matches_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
+    probe_scenes(tmp_path / "probe")
     for strategy in ("ddp", "fsdp"):
         run_script("compare", strategy, tmp_path / strategy)
     records = {
@@ -443,6 +468,10 @@ def test_fsdp_matches_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
         for want, got in zip(ddp["steps"], fsdp["steps"], strict=True):
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        # the probe ran at steps 0 and 2 on every rank, and the sharded teacher gives the replicated one's
+        assert [h["step"] for h in fsdp["probe"]] == [h["step"] for h in ddp["probe"]] == [0, 2]
+        for want, got in zip(ddp["probe"], fsdp["probe"], strict=True):
+            assert got["knn_accuracy"] == pytest.approx(want["knn_accuracy"], abs=0.02)
     for file, key in (("teacher.pth", "teacher"), ("last.ckpt", "state_dict")):
         ddp, fsdp = (torch.load(tmp_path / s / file, weights_only=True)[key] for s in ("ddp", "fsdp"))
         assert list(fsdp) == list(ddp), file

@@ -125,6 +125,8 @@ class MultiCropDataset(Dataset):
         return self.chips.corpus.scale(chip.image, ref.raster), chip.valid
 
     def __getitem__(self, key: SizedRef) -> dict[str, Any]:
+        if not isinstance(key, SizedRef):
+            raise TypeError(f"index a MultiCropDataset with SizedRef(resolution, ref), got {key!r}")
         pixels, valid = self._read(key.ref)
         image = torch.from_numpy(pixels) * torch.from_numpy(valid)
         sample_seed = chip_seed(self.seed, key.ref)
@@ -154,6 +156,12 @@ class MultiCropCollate:
         return collate_multicrop(crops, grid, rng, self.mask_ratio_min_max, self.mask_sample_probability)
 
 
+def check_shares(shares: Sequence[float]) -> None:
+    """Raises ``ValueError`` unless ``shares`` (of the steps per resolution) are positive numbers."""
+    if not shares or any(not share > 0 for share in shares):
+        raise ValueError(f"resolution shares must be positive numbers, got {list(shares)}")
+
+
 class ResolutionBatchSampler(Sampler[list[SizedRef]]):
     """Batches of a chip sampler's chips, each at one resolution drawn with the given shares.
 
@@ -181,8 +189,7 @@ class ResolutionBatchSampler(Sampler[list[SizedRef]]):
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not shares or any(not share > 0 for share in shares):
-            raise ValueError(f"resolution shares must be positive numbers, got {list(shares)}")
+        check_shares(shares)
         self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
         self.shares = np.asarray(shares, dtype=np.float64) / np.sum(shares)
 
@@ -296,8 +303,10 @@ class PretrainDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         backbone = get_preset(preset)
-        mean = backbone.mean if mean is None else mean
-        std = backbone.std if std is None else std
+        #: Per-band normalisation of the [0, 1] chips (the preset's unless given).
+        self.mean = tuple(backbone.mean if mean is None else mean)
+        self.std = tuple(backbone.std if std is None else std)
+        mean, std = self.mean, self.std
         self.resolutions = resolutions(global_crops_size, local_crops_size, gram_crops_size)
         for resolution in self.resolutions:
             if resolution.global_crops_size % backbone.patch_size:
@@ -311,6 +320,7 @@ class PretrainDataModule(L.LightningDataModule):
                 "resolutions (crop size lists); give one share per resolution"
             )
         self.shares = [1.0] * len(self.resolutions) if crop_pairs_ratios is None else list(crop_pairs_ratios)
+        check_shares(self.shares)
         self.augmentations = [
             MultiCropAugmentation(
                 mean,
@@ -420,10 +430,34 @@ class PretrainDataModule(L.LightningDataModule):
         if self.sampler is None or self.trainer is None:
             return {}
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"sampler": self.sampler.state_dict(consumed=batches * self.hparams.batch_size)}
+        return {
+            "sampler": self.sampler.state_dict(consumed=batches * self.hparams.batch_size),
+            "batches": self._batch_config(),
+        }
+
+    def _batch_config(self) -> dict[str, Any]:
+        """What a resumed run must keep for its batches and their resolutions to be the saved run's."""
+        return {
+            "batch_size": self.hparams.batch_size,
+            "resolutions": [list(r) for r in self.resolutions],
+            "shares": self.shares,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores the sampler's position (applied when the sampler is built in :meth:`setup`)."""
+        """Restores the sampler's position (applied when the sampler is built in :meth:`setup`).
+
+        Raises:
+            ValueError: The checkpoint's batch size, crop resolutions or their shares differ from this data
+                module's (the resumed batches would not continue the saved run's).
+        """
+        saved, current = state_dict.get("batches"), self._batch_config()
+        if saved is not None and saved != current:
+            diff = ", ".join(
+                f"{k}: saved {saved.get(k)}, now {v}" for k, v in current.items() if saved.get(k) != v
+            )
+            raise ValueError(
+                f"cannot resume with different batches ({diff}); keep the saved run's data settings"
+            )
         self._sampler_state = state_dict.get("sampler")
         if self.sampler is not None and self._sampler_state is not None:
             self.sampler.load_state_dict(self._sampler_state)

@@ -171,7 +171,8 @@ class DistillationModule(SSLModule):
             (:func:`~geodino.train.base.compile_blocks`) and the DINO and iBOT losses
             (:func:`~geodino.train.base.compile_losses`).
         fp8: Float8 matmuls in the transformer blocks of the teacher and the students
-            (:func:`~geodino.train.base.float8_blocks`, torchao).
+            (:func:`~geodino.train.base.float8_blocks`, torchao); the students' EMA copies keep full
+            precision (they run no forward pass in training).
 
     Strategies, precisions and FSDP sharding work as for :class:`~geodino.train.module.DINOv3Module`
     (``configure_model``, sharded gradient clipping, gathered export, exact resume).

@@ -25,9 +25,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from geodino.data import ChipRef, CorpusDataset, RasterCorpus
 from geodino.models import DinoVisionTransformer, get_preset
+from geodino.train.data import PretrainDataModule
 
 __all__ = [
     "DenseKNNProbe",
@@ -119,6 +121,19 @@ def accuracy_miou(pred: Tensor, true: Tensor) -> tuple[float, float]:
     return float((pred == true).float().mean()), float(torch.stack(ious).mean())
 
 
+def _scale_like_training(
+    pixels: np.ndarray, dtype: str, i: int, corpus: RasterCorpus, datamodule: PretrainDataModule | None
+) -> np.ndarray:
+    """``pixels [C, H, W]`` of probe image ``i`` (``dtype``) scaled to [0, 1] with the training corpus's
+    levels for that dtype when they are shared by dtype (or pooled), else with the probe corpus's own."""
+    train = None if datamodule is None else datamodule.corpus
+    if train is not None and train.scaling is not None and train.scaling_by in ("dtype", "corpus"):
+        same = np.flatnonzero(train.index["dtype"].to_numpy() == dtype)
+        if train.scaling_by == "corpus" or len(same):
+            return train.scale(pixels, int(same[0]) if len(same) else 0)
+    return corpus.scale(pixels, i)
+
+
 class DenseKNNProbe(L.Callback):
     """Dense k-NN probe of the exported networks' patch features on labelled images, every ``every_n_steps``.
 
@@ -130,24 +145,29 @@ class DenseKNNProbe(L.Callback):
     ``every_n_steps`` optimisation steps, to the trainer's logger and :attr:`history`, and prints them on
     rank 0.
 
-    The images are indexed as a :class:`~geodino.data.RasterCorpus` (bands 1-3 by default; files without a
-    CRS, such as PNG tiles, are fine), scaled by its percentiles like the pretraining chips, then normalised
-    with the module's backbone preset. Every rank runs the teacher (an FSDP teacher needs all of them); the
-    scores are the same on every rank. Compiled blocks compile once more for the window size.
+    The images are read like the pretraining chips: with a :class:`~geodino.train.data.PretrainDataModule`,
+    scaled by the training corpus's levels for their dtype (``scaling_by`` "dtype" or "corpus"; otherwise by
+    their own percentiles, as a corpus of them would be) and normalised with the data module's mean / std;
+    without one, by their own percentiles and the module's backbone preset. Files without a CRS, such as PNG
+    tiles, are fine. Every rank runs the networks (an FSDP network needs all of them); the scores are the
+    same on every rank. Compiled blocks compile once more for the window size.
 
     Args:
-        images: Small image rasters, read whole into memory (a few thousand pixels a side at most;
-            cropped to whole windows from the top left).
+        images: Small image rasters, read whole into memory (a few thousand pixels a side at most; cropped
+            to whole windows from the top left).
         labels: One class-id raster per image, on the same pixel grid.
         every_n_steps: Steps between probes.
         window: Window side, pixels (a multiple of the patch size).
         k: Neighbours of the k-NN.
         ignore_index: Class id that labels no class (LoveDA's 0), or None.
         min_purity: Smallest share of a patch's pixels its majority class must cover to be used.
-        bands: 1-based bands of the images.
+        bands: 1-based bands of the images (as many as the training chips have).
 
     Raises:
-        ValueError: No image, or a different number of label rasters.
+        ValueError: No image, a different number of label rasters, or a non-positive step count or window;
+            when training starts: labels not on their image's grid, an image smaller than a window (two
+            windows wide for a single image), a window that is not a multiple of the patch size, or a band
+            count other than the training chips'. Messages name the file.
     """
 
     def __init__(
@@ -161,12 +181,14 @@ class DenseKNNProbe(L.Callback):
         min_purity: float = 0.5,
         bands: Sequence[int] = (1, 2, 3),
     ) -> None:
+        if isinstance(images, str | os.PathLike) or isinstance(labels, str | os.PathLike):
+            raise ValueError("images and labels must be lists of paths (one label raster per image)")
         if not images or len(images) != len(labels):
             raise ValueError(
                 f"need one label raster per image, got {len(images)} images, {len(labels)} labels"
             )
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if every_n_steps < 1 or window < 1:
+            raise ValueError(f"every_n_steps and window must be >= 1, got {every_n_steps} and {window}")
         self.images, self.labels = [os.fspath(p) for p in images], [os.fspath(p) for p in labels]
         self.every_n_steps, self.window, self.k = every_n_steps, window, k
         self.ignore_index, self.min_purity, self.bands = ignore_index, min_purity, list(bands)
@@ -174,30 +196,50 @@ class DenseKNNProbe(L.Callback):
         self._data: list[tuple[Tensor, np.ndarray]] | None = None
         self._last_step = -1
 
-    def _load(self, preset: str) -> list[tuple[Tensor, np.ndarray]]:
-        """Normalised pixels ``[C, H', W']`` and patch labels of every probe image (or half image)."""
+    def _load(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[tuple[Tensor, np.ndarray]]:
+        """Normalised pixels ``[C, H', W']`` and labels ``[H', W']`` of every probe image (or half image)."""
+        patch = next(iter(pl_module.exported_backbones().values())).patch_size
+        if self.window % patch:
+            raise ValueError(f"probe window {self.window} px must be a multiple of the patch size {patch}")
         with warnings.catch_warnings():  # probe images need no CRS: no warning about pixel coordinates
             warnings.filterwarnings("ignore", message=".*have no CRS", category=UserWarning)
             corpus = RasterCorpus.from_paths(self.images, bands=self.bands, progress=False)
-        chips = CorpusDataset(corpus)
-        backbone_preset = get_preset(preset)
-        mean = torch.tensor(backbone_preset.mean)[:, None, None]
-        std = torch.tensor(backbone_preset.std)[:, None, None]
+        datamodule = trainer.datamodule if isinstance(trainer.datamodule, PretrainDataModule) else None
+        if datamodule is None:
+            preset = get_preset(pl_module.hparams.backbone)
+            mean, std = preset.mean, preset.std
+        else:
+            mean, std = datamodule.mean, datamodule.std
+        if len(self.bands) != len(mean):
+            raise ValueError(
+                f"the probe reads {len(self.bands)} bands of {self.images[0]} but training normalises "
+                f"{len(mean)}; set the probe's bands to the training chips' bands"
+            )
+        raw = CorpusDataset(corpus, scaled=False)
+        mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (mean, std))
         parts = []
-        for i, label_path in enumerate(self.labels):
+        for i, (image_path, label_path) in enumerate(zip(self.images, self.labels, strict=True)):
             row = corpus.index.iloc[i]
-            chip = chips[ChipRef(i, Window(0, 0, int(row["width"]), int(row["height"])))]
+            chip = raw[ChipRef(i, Window(0, 0, int(row["width"]), int(row["height"])))]
+            scaled = _scale_like_training(chip.image, row["dtype"], i, corpus, datamodule)
             with warnings.catch_warnings():  # a label PNG has no geotransform
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 with rasterio.open(label_path) as src:
                     labels = src.read(1)
             if labels.shape != chip.image.shape[1:]:
                 raise ValueError(
-                    f"{label_path}: labels {labels.shape} are not on the grid of {self.images[i]} "
+                    f"{label_path}: labels {labels.shape} are not on the grid of {image_path} "
                     f"{chip.image.shape[1:]}; give one label raster per image, pixel for pixel"
                 )
+            smallest = (self.window, 2 * self.window if len(self.images) == 1 else self.window)
+            if labels.shape[0] < smallest[0] or labels.shape[1] < smallest[1]:
+                raise ValueError(
+                    f"{image_path}: {labels.shape[0]} x {labels.shape[1]} px is smaller than the probe needs "
+                    f"({smallest[0]} x {smallest[1]} px for {self.window} px windows); give a smaller window "
+                    "or larger images"
+                )
             rows, cols = (n // self.window * self.window for n in labels.shape)
-            pixels = (torch.from_numpy(chip.image) - mean) / std * torch.from_numpy(chip.valid)
+            pixels = (torch.from_numpy(scaled) - mean) / std * torch.from_numpy(chip.valid)
             parts.append((pixels[:, :rows, :cols], labels[:rows, :cols]))
         if len(parts) == 1:  # one image: its left and right halves are the folds
             (pixels, labels), half = parts[0], parts[0][1].shape[1] // 2 // self.window * self.window
@@ -205,6 +247,13 @@ class DenseKNNProbe(L.Callback):
         return parts
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = trainer.strategy.model
+        if isinstance(model, FullyShardedDataParallel):
+            # The step-0 probe runs an inner FSDP unit (the teacher) before the root's first forward, and
+            # FSDP would take the first unit run for its root; summoning the root's own parameters
+            # initialises the root first.
+            with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=False):
+                pass
         self._probe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
@@ -217,7 +266,7 @@ class DenseKNNProbe(L.Callback):
             return
         self._last_step = step
         if self._data is None:
-            self._data = self._load(pl_module.hparams.backbone)
+            self._data = self._load(trainer, pl_module)
         for name, backbone in pl_module.exported_backbones().items():
             accuracy, miou = self._score(trainer, backbone)
             self.history.append({"step": step, "network": name, "knn_accuracy": accuracy, "knn_miou": miou})
