@@ -214,6 +214,12 @@ def test_fp8_blocks_train_like_full_precision_and_keep_stored_names(
     vit = build_backbone(PRESET, **TINY)
     vit.load_state_dict(read_state_dict(fp8.export_teacher(tmp_path / "fp8_teacher.pth")))
 
+    with monkeypatch.context() as gpu:  # a GPU without fp8 tensor cores: refused, not emulated
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 0))
+        gpu.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A100-SXM4-80GB")
+        with pytest.raises(RuntimeError, match=r"A100-SXM4-80GB has 8\.0: set fp8=False"):
+            tiny_module(fp8=True)
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # torchao missing: the fix in the message
     with pytest.raises(ImportError, match="pip install 'geodino\\[fp8\\]'"):
         tiny_module(fp8=True)

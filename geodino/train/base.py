@@ -240,26 +240,33 @@ def float8_blocks(backbones: Iterable[DinoVisionTransformer]) -> None:
     plain backbones. Convert before :func:`checkpoint_blocks` and :func:`compile_blocks`; compiled, the
     scaling casts fuse into the neighbouring kernels.
 
-    Without fp8 tensor cores (CUDA compute capability 8.9 or more: H100, L4, ...) the fp8 matmuls are
-    emulated (operands rounded to fp8, products in higher precision: the same numerics, slower than bf16),
-    with a warning.
+    fp8 matmuls need tensor cores of CUDA compute capability 8.9 or more (H100, H200, L4, ...). Without a
+    GPU they are emulated (operands rounded to fp8, products in higher precision: the same numerics, much
+    slower), with a warning, for tests and CPU smoke runs.
 
     Raises:
         ImportError: torchao is not installed (``pip install torchao``).
+        RuntimeError: The GPU has no fp8 tensor cores (e.g. an A100): emulating there would be slower than
+            bf16 for nothing.
     """
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as err:
         raise ImportError("fp8 matmuls need torchao: pip install 'geodino[fp8]' (or torchao)") from err
-    hardware = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-    if not hardware:
+    if torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+        if capability < (8, 9):
+            raise RuntimeError(
+                f"fp8=True needs fp8 tensor cores (CUDA compute capability >= 8.9: H100, H200, L4, ...); "
+                f"{torch.cuda.get_device_name()} has {capability[0]}.{capability[1]}: set fp8=False"
+            )
+    else:
         warnings.warn(
-            "fp8=True without fp8 tensor cores (CUDA compute capability >= 8.9, e.g. H100): the fp8 matmuls "
-            "are emulated, with fp8 numerics but slower than bf16",
+            "fp8=True without a GPU: the fp8 matmuls are emulated, with fp8 numerics but much slower",
             UserWarning,
             stacklevel=3,
         )
-    config = Float8LinearConfig(emulate=not hardware)
+    config = Float8LinearConfig(emulate=not torch.cuda.is_available())
     for backbone in backbones:
         for block in backbone.blocks:
             convert_to_float8_training(

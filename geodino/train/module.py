@@ -152,9 +152,9 @@ class DINOv3Module(SSLModule):
         compile: ``torch.compile`` every transformer block of the student, teacher and Gram teacher
             (:func:`compile_blocks`, per block as the official training) and the DINO and iBOT losses
             (:func:`compile_losses`); compiled on the first step.
-        fp8: Float8 matmuls in the transformer blocks of all networks (:func:`float8_blocks`, torchao;
-            emulated, with a warning, without fp8 tensor cores), as the official 7B training. With
-            ``compile`` for speed.
+        fp8: Float8 matmuls in the transformer blocks of all networks (:func:`float8_blocks`, torchao), as
+            the official 7B training; needs fp8 tensor cores (H100 class; emulated, with a warning, without
+            a GPU). With ``compile`` for speed.
 
     Scaling: one process per GPU with Lightning's ``ddp`` or ``fsdp`` strategy (``Trainer(strategy=...)``),
     any precision (``bf16-mixed`` is the recipe's); ``num_nodes`` and the process ranks come from Lightning's
