@@ -13,7 +13,8 @@ Model FLOPs per image come from ``torch.utils.flop_counter.FlopCounterMode`` on 
 (it counts the SDPA kernels; recomputation by checkpointing is not model FLOPs), and MFU = FLOPs per image x
 images/s / peak dense bf16 FLOP/s of the GPU (H100/H200 SXM: 989 TFLOP/s), also for the fp8 variant, so
 that MFU compares the variants on the same model FLOPs and peak. A variant that runs out of memory
-is reported as such and the next one runs.
+is reported as such and the next one runs, as is an fp8 variant where fp8 is unavailable (no torchao, or a
+GPU without fp8 tensor cores).
 Part 2 runs ``Trainer.fit`` (bf16-mixed, ``--stage-strategy``, activation checkpointing in the pretrain
 stage) for the pretrain and Gram stages with the real data pipeline (corpus -> random chips -> multi-crop ->
 masks, DataLoader workers) and reports losses and step times.
@@ -220,6 +221,10 @@ def time_variant(name: str, args: argparse.Namespace, device: torch.device, per_
         result |= measure(variant, batch_size, args, device)
     except torch.OutOfMemoryError as err:
         result["error"] = f"out of memory: {str(err).splitlines()[0]}"
+    except (ImportError, RuntimeError) as err:
+        if not variant.fp8:
+            raise
+        result["error"] = f"fp8 unavailable: {str(err).splitlines()[0]}"  # no torchao or no fp8 tensor cores
     release(device)
     if "error" in result:
         return result
