@@ -23,12 +23,15 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Give a temporary path beside ``path``, moved over ``path`` (``os.replace``) when the block succeeds.
 
     Readers never see a half-written file; on error the temporary file is removed and ``path`` is left
-    as it was.
+    as it was. The written file is synced to disk before the rename, so a crash right after it cannot
+    leave an empty file under the final name either.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

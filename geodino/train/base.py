@@ -94,6 +94,28 @@ class SSLModule(L.LightningModule):
         """Runs after the optimizer step ``step`` with that step's schedule values (EMA updates)."""
         raise NotImplementedError
 
+    def apply_scale_options(
+        self,
+        running: list[DinoVisionTransformer],
+        trained: list[DinoVisionTransformer],
+        fp8: bool,
+        compile: bool,
+        activation_checkpointing: bool,
+    ) -> None:
+        """The constructor's scale options, in the order they compose: fp8 blocks (:func:`float8_blocks`) and
+        compiled blocks (:func:`compile_blocks`) in every ``running`` backbone (those with a forward pass),
+        compiled ``dino_loss`` / ``ibot_patch_loss`` (:func:`compile_losses`), then activation checkpointing
+        (:func:`checkpoint_blocks`) of the ``trained`` backbones."""
+        if fp8:
+            float8_blocks(running)
+        if compile:
+            for backbone in running:
+                compile_blocks(backbone)
+            compile_losses(self.dino_loss, self.ibot_patch_loss)
+        if activation_checkpointing:
+            for backbone in trained:
+                checkpoint_blocks(backbone)
+
     def exported_backbones(self) -> dict[str, nn.Module]:
         """``name -> backbone`` of the networks that ``export_teacher`` writes (the EMA networks, in eval
         mode), e.g. for :class:`~geodino.train.probe.DenseKNNProbe`."""

@@ -56,6 +56,7 @@ __all__ = [
     "Resolution",
     "ResolutionBatchSampler",
     "SizedRef",
+    "resolutions",
 ]
 
 
@@ -156,7 +157,7 @@ class MultiCropCollate:
         return collate_multicrop(crops, grid, rng, self.mask_ratio_min_max, self.mask_sample_probability)
 
 
-def check_shares(shares: Sequence[float]) -> None:
+def _check_shares(shares: Sequence[float]) -> None:
     """Raises ``ValueError`` unless ``shares`` (of the steps per resolution) are positive numbers."""
     if not shares or any(not share > 0 for share in shares):
         raise ValueError(f"resolution shares must be positive numbers, got {list(shares)}")
@@ -189,7 +190,7 @@ class ResolutionBatchSampler(Sampler[list[SizedRef]]):
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        check_shares(shares)
+        _check_shares(shares)
         self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
         self.shares = np.asarray(shares, dtype=np.float64) / np.sum(shares)
 
@@ -320,7 +321,7 @@ class PretrainDataModule(L.LightningDataModule):
                 "resolutions (crop size lists); give one share per resolution"
             )
         self.shares = [1.0] * len(self.resolutions) if crop_pairs_ratios is None else list(crop_pairs_ratios)
-        check_shares(self.shares)
+        _check_shares(self.shares)
         self.augmentations = [
             MultiCropAugmentation(
                 mean,

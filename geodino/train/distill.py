@@ -47,10 +47,6 @@ from geodino.train.base import (
     CropBatch,
     SSLModule,
     build_networks,
-    checkpoint_blocks,
-    compile_blocks,
-    compile_losses,
-    float8_blocks,
     fsdp_inner,
     head_sizes,
     load_strict,
@@ -266,16 +262,10 @@ class DistillationModule(SSLModule):
         self.dino_loss = DINOLoss(student_temp=student_temp)
         self.ibot_patch_loss = iBOTPatchLoss(student_temp=student_temp)
         self.koleo_loss = KoLeoLoss(group_size=koleo_group_size)
-        backbones = [networks["backbone"] for networks in (self.teacher, *self.students.values())]
-        if fp8:
-            float8_blocks(backbones)
-        if compile:
-            for backbone in backbones:
-                compile_blocks(backbone)
-            compile_losses(self.dino_loss, self.ibot_patch_loss)
-        if activation_checkpointing:
-            for student in self.students.values():
-                checkpoint_blocks(student["backbone"])
+        students = [student["backbone"] for student in self.students.values()]
+        self.apply_scale_options(
+            [self.teacher["backbone"], *students], students, fp8, compile, activation_checkpointing
+        )
         self.train()
 
     # ------------------------------------------------------------------ modes and schedules

@@ -25,7 +25,6 @@ tuple, dict of those), so ``save_hyperparameters`` keeps Lightning checkpoints l
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from geodino.io import atomic_output
 from geodino.models import build_backbone
 from geodino.models.checkpoint import read_state_dict
 from geodino.train.base import (
@@ -42,10 +42,6 @@ from geodino.train.base import (
     N_GLOBAL_CROPS,
     SSLModule,
     build_networks,
-    checkpoint_blocks,
-    compile_blocks,
-    compile_losses,
-    float8_blocks,
     fsdp_inner,
     head_sizes,
     load_strict,
@@ -147,14 +143,14 @@ class DINOv3Module(SSLModule):
             ``student.resume_from_teacher_chkpt``).
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
         activation_checkpointing: Recompute the student's block activations in the backward pass instead of
-            keeping them (:func:`checkpoint_blocks`): less memory for about a third more compute, the same
-            gradients (drop-path draws are replayed).
+            keeping them (:func:`~geodino.train.base.checkpoint_blocks`): less memory for about a third more
+            compute, the same gradients (drop-path draws are replayed).
         compile: ``torch.compile`` every transformer block of the student, teacher and Gram teacher
-            (:func:`compile_blocks`, per block as the official training) and the DINO and iBOT losses
-            (:func:`compile_losses`); compiled on the first step.
-        fp8: Float8 matmuls in the transformer blocks of all networks (:func:`float8_blocks`, torchao), as
-            the official 7B training; needs fp8 tensor cores (H100 class; emulated, with a warning, without
-            a GPU). With ``compile`` for speed.
+            (:func:`~geodino.train.base.compile_blocks`, per block as the official training) and the DINO
+            and iBOT losses (:func:`~geodino.train.base.compile_losses`); compiled on the first step.
+        fp8: Float8 matmuls in the transformer blocks of all networks
+            (:func:`~geodino.train.base.float8_blocks`, torchao), as the official 7B training; needs fp8
+            tensor cores (H100 class; emulated, with a warning, without a GPU). With ``compile`` for speed.
 
     Scaling: one process per GPU with Lightning's ``ddp`` or ``fsdp`` strategy (``Trainer(strategy=...)``),
     any precision (``bf16-mixed`` is the recipe's); ``num_nodes`` and the process ranks come from Lightning's
@@ -261,15 +257,8 @@ class DINOv3Module(SSLModule):
                 load_strict(gram_backbone, state, gram_from)
             self.gram_teacher = nn.ModuleDict({"backbone": gram_backbone}).requires_grad_(False)
             self.register_buffer("gram_updates", torch.zeros((), dtype=torch.long))
-        backbones = [n["backbone"] for n in (self.student, self.teacher, self.gram_teacher) if n is not None]
-        if fp8:
-            float8_blocks(backbones)
-        if compile:
-            for backbone in backbones:
-                compile_blocks(backbone)
-            compile_losses(self.dino_loss, self.ibot_patch_loss)
-        if activation_checkpointing:
-            checkpoint_blocks(self.student["backbone"])
+        running = [n["backbone"] for n in (self.student, self.teacher, self.gram_teacher) if n is not None]
+        self.apply_scale_options(running, [self.student["backbone"]], fp8, compile, activation_checkpointing)
         self.train()
 
     # ------------------------------------------------------------------ modes and schedules
@@ -418,8 +407,8 @@ class DINOv3Module(SSLModule):
         The file holds ``{"teacher": {"backbone.<official key>": ..., "dino_head.*": ..., "ibot_head.*":
         ...}}`` (CPU tensors, the parameters' dtype), the layout of the official ``teacher_checkpoint.pth``:
         :func:`~geodino.models.load_backbone` reads its backbone, and ``init_from`` / ``gram_from`` of the
-        next stage read it. It is written to a temporary file in the same folder, synced, then renamed over
-        ``path``, so a crash never leaves a truncated file. Only global rank 0 writes. Without FSDP, calling
+        next stage read it. It is written atomically (:func:`~geodino.io.atomic_output`), so a crash never
+        leaves a truncated file. Only global rank 0 writes. Without FSDP, calling
         it on rank 0 alone is enough; under FSDP the teacher is gathered with collectives (see
         :func:`rank0_state_dict`), so every rank must call it.
 
@@ -434,14 +423,6 @@ class DINOv3Module(SSLModule):
         if state is None:
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"teacher": state}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(path) as tmp:
+            torch.save({"teacher": state}, tmp)
         return path
