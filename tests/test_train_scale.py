@@ -225,6 +225,39 @@ def test_fp8_blocks_train_like_full_precision_and_keep_stored_names(
         tiny_module(fp8=True)
 
 
+def test_fp8_matmuls_meet_the_tensor_core_shape_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU with fp8 tensor cores the blocks call ``torch._scaled_mm``, whose cuBLAS kernels need the
+    inner and output dimensions to be multiples of 16. The weight gradient's inner dimension is the token
+    count (here drop-path subsets of 45 and 30 tokens), so unpadded the backward pass fails on the GPU.
+    This CPU test runs the non-emulated path (CPU ``_scaled_mm``) with that rule enforced."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    with monkeypatch.context() as gpu:  # built as on an H100: no emulation
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+        torch.manual_seed(0)
+        fp8 = tiny_module(fp8=True)
+    layers = [m for m in fp8.modules() if isinstance(m, Float8Linear)]
+    assert layers and not any(layer.config.emulate for layer in layers)
+
+    scaled_mm, shapes = torch._scaled_mm, []
+
+    def cublas_rule(a: Tensor, b: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        shapes.append((*a.shape, b.shape[1]))
+        assert a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0, f"{a.shape} x {b.shape}: not multiples of 16"
+        return scaled_mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", cublas_rule)
+    loss, grads = loss_and_grads(fp8, random_batch(3))
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    # forward, input gradient and weight gradient of each converted layer, for student crops of two sizes
+    assert len(shapes) >= 3 * len(fp8.student["backbone"].blocks) * 2
+    # weight gradients over the drop-path subsets' tokens: 5 global crops x 9 = 45 and 5 local crops x 6 = 30,
+    # zero-padded to 48 and 32
+    assert {32, 48} <= {inner for _, inner, _ in shapes}
+
+
 def test_compiled_module_reuses_its_graphs_across_crop_resolutions(monkeypatch: pytest.MonkeyPatch) -> None:
     """Mixed resolutions under ``compile=True``, with schedules that change every step: the first crop sizes
     compile blocks and losses, then every size reuses those graphs (no compilation per step, no schedule
