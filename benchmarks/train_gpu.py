@@ -225,7 +225,9 @@ def time_variant(name: str, args: argparse.Namespace, device: torch.device, per_
     except (ImportError, RuntimeError) as err:
         if not variant.fp8:
             raise
-        result["error"] = f"fp8 unavailable: {str(err).splitlines()[0]}"  # no torchao or no fp8 tensor cores
+        lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # no torchao, no fp8 tensor cores, or a failure in the compiled fp8 code (its last line says which)
+        result["error"] = f"fp8 unavailable: {lines[0]} ... {lines[-1]}"
     release(device)
     if "error" in result:
         return result
