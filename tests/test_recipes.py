@@ -55,6 +55,9 @@ def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
         assert main(["fit", "--config", str(RECIPES / f"{stage}.yaml"), *quick]) == 0
         exported = tmp_path / "runs" / stage / "teacher_checkpoint.pth"
         assert exported.is_file(), stage
+    # the Gram stage continued stage 1's AdamW state: 3 + 3 steps
+    gram_run = torch.load(tmp_path / "runs" / "gram_tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert {float(s["step"]) for s in gram_run["optimizer_states"][0]["state"].values()} == {6.0}
     # the last stage's teacher is an official-layout checkpoint that the backbone loader reads strictly
     state = torch.load(exported, weights_only=True)["teacher"]
     assert any(k.startswith("backbone.blocks.1.") for k in state)

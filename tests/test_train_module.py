@@ -8,10 +8,12 @@ param groups, clipping), §3.8 (Gram); official ``SSLMetaArch`` and ``train.py``
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from conftest import shared_path
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy
 from rasterio.windows import Window
 from torch.utils.data import DataLoader
 
@@ -448,6 +451,82 @@ def test_init_from_and_gram_from_load_previous_stage(tmp_path: Path) -> None:
     (tmp_path / "broken.pth").write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="cannot read"):
         tiny_module(init_from=str(tmp_path / "broken.pth"))
+
+
+class OptimizerAtStart(L.Callback):
+    """A copy of the optimizer's state dict when training starts (after any restore or continuation)."""
+
+    def on_train_start(self, trainer, module) -> None:
+        self.state = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+
+def test_continue_from_carries_networks_and_adamw_state_into_the_gram_stage(
+    chips, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Gram stage continues a pretraining run's Lightning checkpoint, as the official stage continues its
+    run: student, EMA teacher and AdamW moments exactly, the Gram teacher is that EMA teacher, this stage's
+    own group hyper-parameters apply and the AdamW step count goes on. Resuming the continued stage from its
+    own checkpoint keeps its own optimizer state."""
+    checkpoints = {"enable_checkpointing": True}
+    pretrain = ModelCheckpoint(dirpath=tmp_path / "pretrain", save_last=True)
+    fit(tiny_module(), make_batches(chips, 2), 2, trainer_kwargs={"callbacks": [pretrain], **checkpoints})
+    path = tmp_path / "pretrain" / "last.ckpt"
+    saved = torch.load(path, weights_only=True)
+
+    torch.manual_seed(5)  # a different random initialisation, entirely replaced
+    stage = {"gram": True, "continue_from": str(path), "layer_decay": 0.9}
+    module = tiny_module(**stage)
+    state = module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved["state_dict"].items())
+    gram = module.gram_teacher["backbone"].state_dict()
+    assert all(torch.equal(v, saved["state_dict"][f"teacher.backbone.{k}"]) for k, v in gram.items())
+
+    start = OptimizerAtStart()
+    gram_ckpt = ModelCheckpoint(dirpath=tmp_path / "gram", save_last=True)
+    fit(
+        module,
+        make_batches(chips, 2, gram=True),
+        2,
+        trainer_kwargs={"callbacks": [start, gram_ckpt], **checkpoints},
+    )
+    moments = saved["optimizer_states"][0]["state"]
+    assert start.state["state"].keys() == moments.keys()
+    for i, values in moments.items():
+        assert all(torch.equal(start.state["state"][i][name], values[name]) for name in values)
+    groups = tiny_module(layer_decay=0.9).configure_optimizers().param_groups
+    assert [g["lr_multiplier"] for g in start.state["param_groups"]] == [g["lr_multiplier"] for g in groups]
+    assert {float(v["step"]) for v in module.trainer.optimizers[0].state.values()} == {4.0}  # 2 + 2 steps
+
+    resumed = tiny_module(**stage)
+    at_resume = OptimizerAtStart()
+    fit(
+        resumed,
+        make_batches(chips, 2, gram=True),
+        3,
+        ckpt_path=tmp_path / "gram" / "last.ckpt",
+        weights_only=True,
+        trainer_kwargs={"callbacks": [at_resume]},
+    )
+    assert {float(v["step"]) for v in at_resume.state["state"].values()} == {4.0}
+
+    with pytest.raises(ValueError, match="not both"):
+        tiny_module(continue_from=str(path), init_from=str(path))
+    with pytest.raises(CheckpointError, match="not a Lightning training checkpoint"):
+        tiny_module(continue_from=str(module.export_teacher(tmp_path / "teacher.pth")))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        tiny_module(continue_from=str(path), backbone_overrides={**TINY, "depth": 3})
+    with pytest.raises(CheckpointError, match="parameter groups do not match"):
+        fit(tiny_module(continue_from=str(path), layer_decay=1.0), make_batches(chips, 1), 1)
+    by_name = tmp_path / "fsdp.ckpt"  # FSDP's full optimizer state is keyed by parameter names
+    saved["optimizer_states"][0]["state"] = {f"p{k}": v for k, v in moments.items()}
+    torch.save(saved, by_name)
+    with pytest.raises(CheckpointError, match="saved under FSDP"):
+        fit(tiny_module(continue_from=str(by_name)), make_batches(chips, 1), 1)
+    fsdp = tiny_module(continue_from=str(path))
+    with monkeypatch.context() as run:  # the hook's view of a run under FSDP
+        run.setattr(DINOv3Module, "trainer", property(lambda _: SimpleNamespace(strategy=FSDPStrategy())))
+        with pytest.raises(ValueError, match="not supported under FSDP: run this stage with strategy ddp"):
+            fsdp.on_fit_start()
 
 
 # ---------------------------------------------------------------- exact resume

@@ -11,6 +11,7 @@ from torch import nn
 from geodino.models import build_dinov3
 from geodino.models.block import SelfAttentionBlock
 from geodino.models.ffn import SwiGLUFFN
+from geodino.models.patch_embed import PatchEmbed
 from geodino.models.rope import RopePositionEmbedding, rotate_half
 
 TINY = {"embed_dim": 64, "depth": 2, "num_heads": 4, "layerscale_init": 1e-5, "n_storage_tokens": 2}
@@ -23,6 +24,23 @@ def _randomise(model: nn.Module) -> nn.Module:
             if name.endswith(("gamma", "weight")) and p.ndim == 1:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     return model
+
+
+@pytest.mark.parametrize(("bands", "height", "width"), [(3, 64, 48), (4, 37, 50)])
+def test_patch_embedding_equals_the_strided_convolution(bands: int, height: int, width: int) -> None:
+    """The matrix-product patch embedding gives the convolution's output and gradients, also for band counts
+    other than 3 and image sides that are not multiples of the patch (the remainder is dropped)."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch_size=16, in_chans=bands, embed_dim=32).double()
+    x = torch.randn(2, bands, height, width, dtype=torch.float64, requires_grad=True)
+    out = embed(x)
+    expected = nn.functional.conv2d(x, embed.proj.weight, embed.proj.bias, stride=16).permute(0, 2, 3, 1)
+    assert out.shape == (2, height // 16, width // 16, 32)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), [x, embed.proj.weight, embed.proj.bias])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, embed.proj.weight, embed.proj.bias])
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
 def test_rope_periods_and_coordinates_follow_the_official_formulas():

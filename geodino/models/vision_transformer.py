@@ -13,11 +13,11 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from geodino.models.attention import LinearKMaskedBias
 from geodino.models.block import SelfAttentionBlock
+from geodino.models.patch_embed import PatchEmbed
 from geodino.models.rope import ROPE_DTYPES, RopePositionEmbedding
 
 NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
@@ -33,7 +33,7 @@ class DinoVisionTransformer(nn.Module):
     """DINOv3 ViT backbone taking the official constructor keywords (see :func:`build_dinov3`).
 
     Inputs are [B, C, H, W] images in the normalised space of the weights; H and W should be
-    multiples of ``patch_size`` (the patch convolution truncates the remainder, as the official
+    multiples of ``patch_size`` (the patch embedding truncates the remainder, as the official
     model does). Outputs follow the official dictionaries and tuples exactly.
     """
 
@@ -81,14 +81,7 @@ class DinoVisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.patch_size = patch_size
         self.n_storage_tokens = n_storage_tokens
-        self.patch_embed = PatchEmbed(
-            img_size=None,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            output_fmt="NHWC",
-            strict_img_size=False,
-        ).to(device)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim).to(device)
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, device=device))
         if n_storage_tokens > 0:
             self.storage_tokens = nn.Parameter(torch.empty(1, n_storage_tokens, embed_dim, device=device))

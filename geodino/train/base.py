@@ -508,6 +508,46 @@ def read_teacher_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, Tensor) and not k.startswith(LOSS_BUFFER_PREFIXES)}
 
 
+class StageCheckpoint(NamedTuple):
+    """What the next stage takes from a previous stage's Lightning checkpoint."""
+
+    networks: dict[str, dict[str, Tensor]]  # "student" / "teacher" -> state dict without that prefix
+    optimizer: dict[str, Any]  # the AdamW ``state_dict()``
+
+
+def read_stage_checkpoint(path: str | os.PathLike) -> StageCheckpoint:
+    """Student, EMA teacher and optimizer state of a Lightning checkpoint (``.ckpt``) of a previous stage,
+    read with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: Missing or unreadable file, or not a training checkpoint of a DINOv3 module (no
+            ``state_dict`` with ``student.`` and ``teacher.`` keys, or no single optimizer state).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such Lightning checkpoint file (a stage's checkpoints/last.ckpt)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any decoder failure means the same to the user: not a readable checkpoint
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    state = obj.get("state_dict") if isinstance(obj, Mapping) else None
+    optimizers = obj.get("optimizer_states") if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or not isinstance(optimizers, list) or len(optimizers) != 1:
+        raise CheckpointError(
+            f"{path}: not a Lightning training checkpoint (state_dict and one optimizer state); "
+            "for an exported teacher file use init_from"
+        )
+    networks = {
+        name: {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+        for name in ("student", "teacher")
+    }
+    if not all(networks.values()):
+        raise CheckpointError(f"{path}: no student and teacher networks in its state_dict")
+    return StageCheckpoint(networks, optimizers[0])
+
+
 def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     """``load_state_dict(strict=True)``, raising a :class:`CheckpointError` that lists what does not fit."""
     report = describe_mismatch(module, state_dict)

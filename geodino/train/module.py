@@ -1,8 +1,9 @@
 """DINOv3 self-supervised pretraining as a LightningModule (the official ``SSLMetaArch`` + ``train.py`` loop).
 
-One module covers the three official stages: pretraining, Gram anchoring (``gram=True`` with a Gram teacher
-snapshot or file) and high-resolution adaptation (``init_from`` the previous stage's teacher, Gram teacher
-fixed). Per step, as the official loop (``shared/notes/dinov3-official.md`` §3.1, §3.5-3.8):
+One module covers the three official stages: pretraining, Gram anchoring (``gram=True``, continuing the
+pretraining run with ``continue_from``; Gram teacher snapshot or file) and high-resolution adaptation
+(``init_from`` the previous stage's teacher, Gram teacher fixed). Per step, as the official loop
+(``shared/notes/dinov3-official.md`` §3.1, §3.5-3.8):
 
 1. the EMA teacher (eval mode, no gradient) sees the two unmasked global crops: DINO head on the CLS tokens
    and iBOT head on the patch tokens at the student's masked positions, both centred by Sinkhorn-Knopp at
@@ -31,11 +32,12 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from geodino.io import atomic_output
-from geodino.models import build_backbone
+from geodino.models import CheckpointError, build_backbone
 from geodino.models.checkpoint import read_state_dict
 from geodino.train.base import (
     LOSS_BUFFER_PREFIXES,
@@ -47,6 +49,7 @@ from geodino.train.base import (
     load_strict,
     masked_tokens,
     rank0_state_dict,
+    read_stage_checkpoint,
     read_teacher_file,
     unpack_batch,
 )
@@ -140,7 +143,12 @@ class DINOv3Module(SSLModule):
         init_from: Teacher file of a previous stage (``{"teacher": {"backbone.*", "dino_head.*",
             "ibot_head.*"}}``, as written by :meth:`export_teacher` or the official
             ``teacher_checkpoint.pth``); loaded strictly into student and teacher (official
-            ``student.resume_from_teacher_chkpt``).
+            ``student.resume_from_teacher_chkpt``), with a fresh AdamW: the high-resolution stage.
+        continue_from: Lightning checkpoint (``.ckpt``, e.g. ``checkpoints/last.ckpt``) of a previous stage of
+            this module with the same networks: the student, the EMA teacher and the AdamW state continue from
+            it, as the official Gram stage continues the pretraining run; this stage's step counter and
+            schedules start at 0. The Gram teacher starts as that EMA teacher unless ``gram_from`` is given.
+            Single device or DDP (refused under FSDP at fit start). Not with ``init_from``.
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
         activation_checkpointing: Recompute the student's block activations in the backward pass instead of
             keeping them (:func:`~geodino.train.base.checkpoint_blocks`): less memory for about a third more
@@ -150,7 +158,9 @@ class DINOv3Module(SSLModule):
             and iBOT losses (:func:`~geodino.train.base.compile_losses`); compiled on the first step.
         fp8: Float8 matmuls in the transformer blocks of all networks
             (:func:`~geodino.train.base.float8_blocks`, torchao), as the official 7B training; needs fp8
-            tensor cores (H100 class; emulated, with a warning, without a GPU). With ``compile`` for speed.
+            tensor cores (H100 class; emulated, with a warning, without a GPU). Use with ``compile``. At
+            ViT-L width it saves memory (-23 % peak) but runs slower than bf16: on an H200 its scaling casts
+            cost more than the faster matmuls save (``benchmarks/RESULTS.md``); it pays off for wide models.
 
     Scaling: one process per GPU with Lightning's ``ddp`` or ``fsdp`` strategy (``Trainer(strategy=...)``),
     any precision (``bf16-mixed`` is the recipe's); ``num_nodes`` and the process ranks come from Lightning's
@@ -160,9 +170,10 @@ class DINOv3Module(SSLModule):
     exports.
 
     Note:
-        ``init_from`` and ``gram_from`` are read at construction and stored as hyper-parameters, so
-        ``load_from_checkpoint`` reads them again before the checkpoint's weights overwrite them; pass
-        ``init_from=None, gram_from=None`` there when the files are gone.
+        ``init_from``, ``continue_from`` and ``gram_from`` are read at construction and stored as
+        hyper-parameters, so ``load_from_checkpoint`` (and resuming a stage with ``ckpt_path``) reads them
+        again before the checkpoint's weights overwrite them; pass ``None`` for them there when the files are
+        gone. A stage resumed with ``ckpt_path`` keeps its own optimizer state, not ``continue_from``'s.
     """
 
     def __init__(
@@ -200,6 +211,7 @@ class DINOv3Module(SSLModule):
         gram_first_update: int = 0,
         gram_max_updates: int | None = None,
         init_from: str | None = None,
+        continue_from: str | None = None,
         seed: int = 0,
         activation_checkpointing: bool = False,
         compile: bool = False,
@@ -209,6 +221,10 @@ class DINOv3Module(SSLModule):
         self.save_hyperparameters()
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if init_from is not None and continue_from is not None:
+            raise ValueError(
+                "init_from starts a stage from a teacher file, continue_from continues a run: not both"
+            )
         if gram_update_frequency is not None and gram_update_frequency < 1:
             raise ValueError(f"gram_update_frequency must be >= 1 or None, got {gram_update_frequency}")
         given_schedules = {
@@ -236,7 +252,14 @@ class DINOv3Module(SSLModule):
         if init_from is not None:
             load_strict(self.student, read_teacher_file(init_from), init_from)
         self.teacher = build_networks(backbone, {**overrides, "drop_path_rate": 0.0}, heads)
-        self.teacher.load_state_dict(self.student.state_dict())
+        self._continued_optimizer: dict[str, Any] | None = None
+        if continue_from is not None:
+            previous = read_stage_checkpoint(continue_from)
+            load_strict(self.student, previous.networks["student"], continue_from)
+            load_strict(self.teacher, previous.networks["teacher"], continue_from)
+            self._continued_optimizer = previous.optimizer  # loaded once the optimizer exists
+        else:
+            self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
 
         self.dino_loss = DINOLoss(student_temp=student_temp)
@@ -343,6 +366,41 @@ class DINOv3Module(SSLModule):
         return {"loss": total, **losses}
 
     # ------------------------------------------------------------------ Lightning hooks
+
+    def on_fit_start(self) -> None:
+        """With ``continue_from``: the previous stage's AdamW state goes into this run's optimizer, with this
+        stage's hyper-parameters. A stage resumed with ``ckpt_path`` keeps its own optimizer state: Lightning
+        restores it after this hook.
+
+        Raises:
+            ValueError: Under FSDP.
+            CheckpointError: The checkpoint's optimizer state was saved under FSDP, or its parameter groups
+                differ from this optimizer's (other networks, or a different ``layer_decay`` grouping).
+        """
+        saved, path = self._continued_optimizer, self.hparams.continue_from
+        self._continued_optimizer = None
+        if saved is None:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                f"continue_from={path} is not supported under FSDP: run this stage with strategy ddp, or "
+                "start it from the exported teacher with init_from (fresh AdamW; warm the LR up)"
+            )
+        if not all(isinstance(key, int) for key in saved["state"]):
+            raise CheckpointError(
+                f"{path}: its optimizer state was saved under FSDP (keyed by parameter names); continue_from "
+                "needs a DDP or single-device run's checkpoint, or use init_from with its exported teacher"
+            )
+        current = self.trainer.optimizers[0].state_dict()["param_groups"]
+        sizes = [len(g["params"]) for g in current]
+        if [len(g["params"]) for g in saved["param_groups"]] != sizes:
+            raise CheckpointError(
+                f"{path}: its AdamW parameter groups do not match this stage's ({len(saved['param_groups'])} "
+                f"groups vs {len(sizes)}): keep the previous stage's networks and layer_decay"
+            )
+        self.trainer.strategy.load_optimizer_state_dict(
+            {"optimizer_states": [{"state": saved["state"], "param_groups": current}]}
+        )
 
     def configure_optimizers(self) -> Optimizer:
         """AdamW over the official parameter groups of the student (LR and WD are set at every step)."""
