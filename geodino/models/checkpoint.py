@@ -48,14 +48,12 @@ def build_backbone(name: str, **overrides) -> Backbone:
     return build_dinov3(**kwargs) if preset.family == "vit" else build_convnext(**kwargs)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a checkpoint file into a flat ``{key: tensor}`` dict, never unpickling arbitrary objects.
-
-    Unwraps the usual containers (``teacher``, ``model_ema``, ``state_dict``, ``model``) and strips
-    ``module.``/``backbone.``-style prefixes.
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """The object stored in a checkpoint file (``torch.load(weights_only=True)``: tensors and plain
+    containers; ``.safetensors`` with safetensors), never unpickling arbitrary objects.
 
     Raises:
-        CheckpointError: missing, unreadable, truncated or non-tensor file.
+        CheckpointError: missing, unreadable or truncated file.
     """
     path = Path(path)
     if not path.is_file():
@@ -74,7 +72,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             f"{path}: cannot read as a PyTorch/safetensors checkpoint ({type(err).__name__}: {err}). "
             "The file may be truncated or not a checkpoint; download it again or check the path."
         ) from err
-    return _flatten(obj, path)
+    return obj
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a checkpoint file into a flat ``{key: tensor}`` dict (:func:`read_checkpoint`).
+
+    Unwraps the usual containers (``teacher``, ``model_ema``, ``state_dict``, ``model``) and strips
+    ``module.``/``backbone.``-style prefixes.
+
+    Raises:
+        CheckpointError: missing, unreadable, truncated or non-tensor file.
+    """
+    return _flatten(read_checkpoint(path), Path(path))
 
 
 def _flatten(obj: object, path: Path) -> dict[str, Tensor]:

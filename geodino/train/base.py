@@ -18,7 +18,6 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -39,7 +38,7 @@ from torch.optim import Optimizer
 
 from geodino.models import CheckpointError, DinoVisionTransformer, build_backbone
 from geodino.models.block import SelfAttentionBlock
-from geodino.models.checkpoint import describe_mismatch
+from geodino.models.checkpoint import describe_mismatch, read_checkpoint
 from geodino.train.augment import masked_patch_index
 from geodino.train.heads import DINOHead
 from geodino.train.losses import sinkhorn_knopp
@@ -492,15 +491,7 @@ def read_teacher_file(path: str | os.PathLike) -> dict[str, Tensor]:
     Raises:
         CheckpointError: Missing or unreadable file, or no tensor state dict inside.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such teacher checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any decoder failure means the same to the user: not a readable checkpoint
-        raise CheckpointError(
-            f"{path}: cannot read as a PyTorch checkpoint ({type(err).__name__}: {err})"
-        ) from err
+    obj = read_checkpoint(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("teacher"), Mapping):
         obj = obj["teacher"]
     if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
@@ -523,15 +514,7 @@ def read_stage_checkpoint(path: str | os.PathLike) -> StageCheckpoint:
         CheckpointError: Missing or unreadable file, or not a training checkpoint of a DINOv3 module (no
             ``state_dict`` with ``student.`` and ``teacher.`` keys, or no single optimizer state).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such Lightning checkpoint file (a stage's checkpoints/last.ckpt)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any decoder failure means the same to the user: not a readable checkpoint
-        raise CheckpointError(
-            f"{path}: cannot read as a PyTorch checkpoint ({type(err).__name__}: {err})"
-        ) from err
+    obj = read_checkpoint(path)
     state = obj.get("state_dict") if isinstance(obj, Mapping) else None
     optimizers = obj.get("optimizer_states") if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not isinstance(optimizers, list) or len(optimizers) != 1:
