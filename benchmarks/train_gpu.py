@@ -61,7 +61,7 @@ class Variant:
 
     name: str
     compile: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False  # True: full, "selective": matmul and attention outputs kept
     fused_adamw: bool = False
     fp8: bool = False  # float8 matmuls in the blocks (torchao)
     # inductor's max-autotune of the matmuls: Triton templates, with bias / GELU / casts fused into their
@@ -81,6 +81,13 @@ VARIANTS = {
         Variant("compile_fused_4x", compile=True, fused_adamw=True, batch_scale=4),
         Variant(
             "compile_ckpt_4x", compile=True, activation_checkpointing=True, fused_adamw=True, batch_scale=4
+        ),
+        Variant(
+            "compile_sac_4x",
+            compile=True,
+            activation_checkpointing="selective",
+            fused_adamw=True,
+            batch_scale=4,
         ),
         Variant("compile_fused_2x_fp8", compile=True, fused_adamw=True, fp8=True, batch_scale=2),
         Variant("compile_fused_4x_fp8", compile=True, fused_adamw=True, fp8=True, batch_scale=4),

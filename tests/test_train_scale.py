@@ -158,15 +158,16 @@ def teacher_file(tmp_path: Path) -> Path:
     return tiny_module(gram=False).export_teacher(tmp_path / "teacher.pth")
 
 
+@pytest.mark.parametrize("mode", [True, "selective"])
 @pytest.mark.parametrize("kind", ["pretrain", "distill"])
-def test_activation_checkpointing_keeps_gradients(kind: str, teacher_file: Path) -> None:
-    def build(checkpointing: bool) -> L.LightningModule:
+def test_activation_checkpointing_keeps_gradients(kind: str, mode: bool | str, teacher_file: Path) -> None:
+    def build(checkpointing: bool | str) -> L.LightningModule:
         torch.manual_seed(0)
         if kind == "pretrain":
             return tiny_module(activation_checkpointing=checkpointing)
         return tiny_distiller(teacher_file, activation_checkpointing=checkpointing)
 
-    plain, checkpointed = build(False), build(True)
+    plain, checkpointed = build(False), build(mode)
     assert any(WRAPPER in name for name, _ in checkpointed.named_parameters())
     assert group_layout(plain) == group_layout(checkpointed)
     batch = random_batch(0)
@@ -280,6 +281,46 @@ def test_compiled_module_reuses_its_graphs_across_crop_resolutions(monkeypatch: 
             assert torch.isfinite(loss)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs[1] == graphs[0]
+
+
+def saved_bytes_and_grads(module: DINOv3Module, batch: dict[str, Tensor]) -> tuple[int, dict[str, Tensor]]:
+    """Bytes that autograd keeps for the backward pass of one training forward, and the gradients."""
+    saved = []
+
+    def pack(tensor: Tensor) -> Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = module.compute_losses(batch, step=0)["loss"]
+    loss.backward()
+    grads = {n.replace(WRAPPER, ""): p.grad for n, p in module.named_parameters() if p.grad is not None}
+    return sum(saved), grads
+
+
+def test_selective_checkpointing_compiles_and_keeps_more_than_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``torch.compile`` (each compiled block holds its checkpoint), full and selective checkpointing
+    give the plain compiled gradients; selective keeps the matmul and attention outputs, so it keeps more
+    for the backward pass than full checkpointing and less than none. A value other than False, True and
+    "selective" is refused."""
+    monkeypatch.setattr(torch.nn.Module, "compile", aot_eager_compile)
+    torch._dynamo.reset()
+    batch = random_batch(2)
+    saved, grads = {}, {}
+    for mode in (False, True, "selective"):
+        torch.manual_seed(0)
+        module = tiny_module(gram=False, activation_checkpointing=mode, compile=True)
+        assert all(block._compiled_call_impl is not None for block in module.student["backbone"].blocks)
+        saved[mode], grads[mode] = saved_bytes_and_grads(module, batch)
+    assert saved[True] < saved["selective"] < saved[False]
+    for mode in (True, "selective"):
+        assert grads[mode].keys() == grads[False].keys()
+        for name, grad in grads[False].items():
+            torch.testing.assert_close(grads[mode][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="false, true \\(full\\) or 'selective'"):
+        tiny_module(activation_checkpointing="some")
 
 
 def test_checkpointing_and_compile_keep_stored_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -35,6 +36,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.optim import Optimizer
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from geodino.models import CheckpointError, DinoVisionTransformer, build_backbone
 from geodino.models.block import SelfAttentionBlock
@@ -99,21 +101,31 @@ class SSLModule(L.LightningModule):
         trained: list[DinoVisionTransformer],
         fp8: bool,
         compile: bool,
-        activation_checkpointing: bool,
+        activation_checkpointing: bool | str,
     ) -> None:
-        """The constructor's scale options, in the order they compose: fp8 blocks (:func:`float8_blocks`) and
-        compiled blocks (:func:`compile_blocks`) in every ``running`` backbone (those with a forward pass),
-        compiled ``dino_loss`` / ``ibot_patch_loss`` (:func:`compile_losses`), then activation checkpointing
-        (:func:`checkpoint_blocks`) of the ``trained`` backbones."""
+        """The constructor's scale options, in the order they compose: fp8 blocks (:func:`float8_blocks`) in
+        every ``running`` backbone (those with a forward pass), activation checkpointing
+        (:func:`checkpoint_blocks`; True: full, ``"selective"``: matmul and attention outputs kept) of the
+        ``trained`` backbones, then compiled blocks (:func:`compile_blocks`) in every ``running`` backbone
+        and compiled ``dino_loss`` / ``ibot_patch_loss`` (:func:`compile_losses`).
+
+        Raises:
+            ValueError: ``activation_checkpointing`` is not False, True or ``"selective"``.
+        """
+        if activation_checkpointing not in (False, True, "selective"):
+            raise ValueError(
+                f"activation_checkpointing must be false, true (full) or 'selective', "
+                f"got {activation_checkpointing!r}"
+            )
         if fp8:
             float8_blocks(running)
+        if activation_checkpointing:
+            for backbone in trained:
+                checkpoint_blocks(backbone, selective=activation_checkpointing == "selective")
         if compile:
             for backbone in running:
                 compile_blocks(backbone)
             compile_losses(self.dino_loss, self.ibot_patch_loss)
-        if activation_checkpointing:
-            for backbone in trained:
-                checkpoint_blocks(backbone)
 
     def exported_backbones(self) -> dict[str, nn.Module]:
         """``name -> backbone`` of the networks that ``export_teacher`` writes (the EMA networks, in eval
@@ -298,17 +310,47 @@ def float8_blocks(backbones: Iterable[DinoVisionTransformer]) -> None:
             )
 
 
-def checkpoint_blocks(backbone: DinoVisionTransformer) -> None:
+#: Operators whose outputs selective activation checkpointing keeps for the backward pass: the matrix
+#: products (bf16, fp8) and attention, the expensive ops. Everything between them (LayerNorm, RoPE, GELU,
+#: LayerScale, residual adds, drop-path gathers) is recomputed: cheap arithmetic, but most of the memory.
+SELECTIVE_SAVED_OPS = frozenset(
+    {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten._scaled_mm.default,
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    }
+)
+
+
+def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective checkpointing policy: save :data:`SELECTIVE_SAVED_OPS` outputs, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_blocks(backbone: DinoVisionTransformer, selective: bool = False) -> None:
     """Activation checkpointing of every transformer block of ``backbone``, in place.
 
     Each block is replaced by torch's ``checkpoint_wrapper`` (non-reentrant ``torch.utils.checkpoint``): its
-    inner activations are dropped after the forward pass and recomputed in the backward pass. The RNG state
-    is saved with the inputs and restored for the recomputation, so drop-path draws the same samples and
-    the gradients are those without checkpointing. State-dict keys are unchanged (the wrapper removes its
-    ``_checkpoint_wrapped_module.`` prefix on save and adds it back on load); parameter names gain it.
+    inner activations are dropped after the forward pass and recomputed in the backward pass. With
+    ``selective``, the outputs of the matrix products and attention are kept (:data:`SELECTIVE_SAVED_OPS`,
+    torch's ``create_selective_checkpoint_contexts``) and only the elementwise ops between them are
+    recomputed, as the official pretraining's selective checkpointing: more memory than full checkpointing,
+    no matmul run twice. The RNG state is saved with the inputs and restored for the recomputation, so
+    drop-path draws the same samples and the gradients are those without checkpointing. State-dict keys are
+    unchanged (the wrapper removes its ``_checkpoint_wrapped_module.`` prefix on save and adds it back on
+    load); parameter names gain it. Checkpoint before :func:`compile_blocks`, so that each compiled block
+    holds its checkpoint (what ``torch.compile`` supports for the selective policy).
     """
+    context = (
+        {"context_fn": partial(create_selective_checkpoint_contexts, _keep_matmuls)} if selective else {}
+    )
     for i, block in enumerate(backbone.blocks):
-        backbone.blocks[i] = checkpoint_wrapper(block)
+        backbone.blocks[i] = checkpoint_wrapper(block, **context)
 
 
 def compile_blocks(backbone: DinoVisionTransformer) -> None:

@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -162,7 +162,8 @@ class DistillationModule(SSLModule):
             None or 0 = no clipping. Use this, not ``Trainer(gradient_clip_val)``.
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
         activation_checkpointing: Recompute the students' block activations in the backward pass
-            (:func:`~geodino.train.base.checkpoint_blocks`): less memory, the same gradients.
+            (:func:`~geodino.train.base.checkpoint_blocks`): less memory, the same gradients. True: all of
+            them; ``"selective"``: only the elementwise ops, keeping the matmul and attention outputs.
         compile: ``torch.compile`` every transformer block of the teacher and the students
             (:func:`~geodino.train.base.compile_blocks`) and the DINO and iBOT losses
             (:func:`~geodino.train.base.compile_losses`).
@@ -208,7 +209,7 @@ class DistillationModule(SSLModule):
         betas: tuple[float, float] = (0.9, 0.999),
         clip_grad: float | None = 3.0,
         seed: int = 0,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | Literal["selective"] = False,
         compile: bool = False,
         fp8: bool = False,
     ) -> None:

@@ -29,7 +29,7 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -151,8 +151,10 @@ class DINOv3Module(SSLModule):
             Single device or DDP (refused under FSDP at fit start). Not with ``init_from``.
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
         activation_checkpointing: Recompute the student's block activations in the backward pass instead of
-            keeping them (:func:`~geodino.train.base.checkpoint_blocks`): less memory for about a third more
-            compute, the same gradients (drop-path draws are replayed).
+            keeping them (:func:`~geodino.train.base.checkpoint_blocks`), with the same gradients (drop-path
+            draws are replayed). True: all of them, the least memory for about a third more compute;
+            ``"selective"``: only the elementwise ops, keeping the matmul and attention outputs (the
+            official pretraining's choice).
         compile: ``torch.compile`` every transformer block of the student, teacher and Gram teacher
             (:func:`~geodino.train.base.compile_blocks`, per block as the official training) and the DINO
             and iBOT losses (:func:`~geodino.train.base.compile_losses`); compiled on the first step.
@@ -213,7 +215,7 @@ class DINOv3Module(SSLModule):
         init_from: str | None = None,
         continue_from: str | None = None,
         seed: int = 0,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | Literal["selective"] = False,
         compile: bool = False,
         fp8: bool = False,
     ) -> None:
