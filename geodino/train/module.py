@@ -376,8 +376,8 @@ class DINOv3Module(SSLModule):
 
         Raises:
             ValueError: Under FSDP.
-            CheckpointError: The checkpoint's optimizer state was saved under FSDP, or its parameter groups
-                differ from this optimizer's (other networks, or a different ``layer_decay`` grouping).
+            CheckpointError: The checkpoint's parameter groups differ from this optimizer's (other networks,
+                or a different ``layer_decay`` grouping), or its optimizer state was saved under FSDP.
         """
         saved, path = self._continued_optimizer, self.hparams.continue_from
         self._continued_optimizer = None
@@ -388,17 +388,17 @@ class DINOv3Module(SSLModule):
                 f"continue_from={path} is not supported under FSDP: run this stage with strategy ddp, or "
                 "start it from the exported teacher with init_from (fresh AdamW; warm the LR up)"
             )
-        if not all(isinstance(key, int) for key in saved["state"]):
-            raise CheckpointError(
-                f"{path}: its optimizer state was saved under FSDP (keyed by parameter names); continue_from "
-                "needs a DDP or single-device run's checkpoint, or use init_from with its exported teacher"
-            )
         current = self.trainer.optimizers[0].state_dict()["param_groups"]
-        sizes = [len(g["params"]) for g in current]
-        if [len(g["params"]) for g in saved["param_groups"]] != sizes:
+        saved_ids, ids = ([g["params"] for g in groups] for groups in (saved["param_groups"], current))
+        if list(map(len, saved_ids)) != list(map(len, ids)):
             raise CheckpointError(
-                f"{path}: its AdamW parameter groups do not match this stage's ({len(saved['param_groups'])} "
-                f"groups vs {len(sizes)}): keep the previous stage's networks and layer_decay"
+                f"{path}: its AdamW parameter groups do not match this stage's ({len(saved_ids)} groups vs "
+                f"{len(ids)}): keep the previous stage's networks and layer_decay"
+            )
+        if saved_ids != ids:  # Lightning's FSDP numbers the parameters in the model's order, not the groups'
+            raise CheckpointError(
+                f"{path}: its optimizer state was saved under FSDP; continue_from needs a DDP or "
+                "single-device run's checkpoint, or use init_from with its exported teacher"
             )
         self.trainer.strategy.load_optimizer_state_dict(
             {"optimizer_states": [{"state": saved["state"], "param_groups": current}]}
