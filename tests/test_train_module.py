@@ -13,7 +13,6 @@ import math
 import re
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -23,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from conftest import shared_path
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import FSDPStrategy
 from rasterio.windows import Window
 from torch.utils.data import DataLoader
 
@@ -460,9 +458,13 @@ class OptimizerAtStart(L.Callback):
         self.state = copy.deepcopy(trainer.optimizers[0].state_dict())
 
 
-def test_continue_from_carries_networks_and_adamw_state_into_the_gram_stage(
-    chips, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def ids_by_name(optimizer_state: dict) -> dict[str, int]:
+    """Parameter name -> id in an optimizer state dict of the module's named parameter groups."""
+    groups = optimizer_state["param_groups"]
+    return {name: pid for g in groups for name, pid in zip(g["names"], g["params"], strict=True)}
+
+
+def test_continue_from_carries_networks_and_adamw_state_into_the_gram_stage(chips, tmp_path: Path) -> None:
     """The Gram stage continues a pretraining run's Lightning checkpoint, as the official stage continues its
     run: student, EMA teacher and AdamW moments exactly, the Gram teacher is that EMA teacher, this stage's
     own group hyper-parameters apply and the AdamW step count goes on. Resuming the continued stage from its
@@ -495,6 +497,9 @@ def test_continue_from_carries_networks_and_adamw_state_into_the_gram_stage(
         assert all(torch.equal(start.state["state"][i][name], values[name]) for name in values)
     groups = tiny_module(layer_decay=0.9).configure_optimizers().param_groups
     assert [g["lr_multiplier"] for g in start.state["param_groups"]] == [g["lr_multiplier"] for g in groups]
+    start_ids = {
+        n: s for g in start.state["param_groups"] for n, s in zip(g["names"], g["params"], strict=True)
+    }
     assert {float(v["step"]) for v in module.trainer.optimizers[0].state.values()} == {4.0}  # 2 + 2 steps
 
     resumed = tiny_module(**stage)
@@ -515,18 +520,30 @@ def test_continue_from_carries_networks_and_adamw_state_into_the_gram_stage(
         tiny_module(continue_from=str(module.export_teacher(tmp_path / "teacher.pth")))
     with pytest.raises(CheckpointError, match="does not fit"):
         tiny_module(continue_from=str(path), backbone_overrides={**TINY, "depth": 3})
-    with pytest.raises(CheckpointError, match="parameter groups do not match"):
-        fit(tiny_module(continue_from=str(path), layer_decay=1.0), make_batches(chips, 1), 1)
-    model_order = tmp_path / "fsdp.ckpt"  # Lightning's FSDP numbers the parameters in the model's order
-    saved["optimizer_states"][0]["param_groups"][0]["params"].reverse()
+    # Lightning's FSDP checkpoints number the parameters in the model's order: the moments move by name,
+    # also into other parameter groups (a single group without layer decay)
+    model_order = tmp_path / "fsdp.ckpt"
+    groups = saved["optimizer_states"][0]["param_groups"]
+    ids = sorted(pid for g in groups for pid in g["params"])
+    renumber = dict(zip(ids, reversed(ids), strict=True))
+    for group in groups:
+        group["params"] = [renumber[pid] for pid in group["params"]]
+    saved["optimizer_states"][0]["state"] = {renumber[pid]: state for pid, state in moments.items()}
     torch.save(saved, model_order)
-    with pytest.raises(CheckpointError, match="saved under FSDP"):
+    flat = tiny_module(continue_from=str(model_order), layer_decay=1.0)
+    at_start = OptimizerAtStart()
+    fit(flat, make_batches(chips, 1), 1, trainer_kwargs={"callbacks": [at_start]})
+    assert len(at_start.state["param_groups"]) < len(start.state["param_groups"])
+    by_name = {
+        n: s for g in at_start.state["param_groups"] for n, s in zip(g["names"], g["params"], strict=True)
+    }
+    for name, pid in by_name.items():
+        want = start.state["state"][start_ids[name]]
+        assert all(torch.equal(at_start.state["state"][pid][key], want[key]) for key in want), name
+    groups[0]["names"] = ["backbone.renamed", *groups[0]["names"][1:]]
+    torch.save(saved, model_order)
+    with pytest.raises(CheckpointError, match="other student parameters than this stage's"):
         fit(tiny_module(continue_from=str(model_order)), make_batches(chips, 1), 1)
-    fsdp = tiny_module(continue_from=str(path))
-    with monkeypatch.context() as run:  # the hook's view of a run under FSDP
-        run.setattr(DINOv3Module, "trainer", property(lambda _: SimpleNamespace(strategy=FSDPStrategy())))
-        with pytest.raises(ValueError, match="not supported under FSDP: run this stage with strategy ddp"):
-            fsdp.on_fit_start()
 
 
 # ---------------------------------------------------------------- exact resume

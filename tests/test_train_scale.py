@@ -634,15 +634,86 @@ def test_fsdp_run_resumes_exactly(kind: str, teacher_file: Path, tmp_path: Path)
         assert resumed == full[2:], rank
 
 
+class SaveMomentsAtStart(L.Callback):
+    """Rank 0 writes the gathered full AdamW state, keyed by parameter name, when training starts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model, optimizer = trainer.strategy.model, trainer.optimizers[0]
+        full = (
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),  # see CPUFSDPStrategy
+        )
+        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, *full):
+            state = FullyShardedDataParallel.optim_state_dict(model, optimizer)
+        if trainer.global_rank == 0:
+            torch.save(state["state"], self.path)
+
+
+def continue_fit(folder: Path, ckpt_path: Path) -> None:
+    """2 CPU processes under FSDP: one step of a Gram stage that continues ``ckpt_path`` (a single-process
+    pretraining checkpoint); rank 0 writes the AdamW state it starts with to ``<folder>/moments.pt``."""
+    L.seed_everything(0)
+    module = tiny_module(continue_from=str(ckpt_path), layer_decay=0.9)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=CPUFSDPStrategy(),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SaveMomentsAtStart(folder / "moments.pt")],
+    )
+    trainer.fit(module, DataLoader([random_batch(seed) for seed in range(WORLD)], batch_size=None))
+
+
+@pytest.mark.slow
+def test_fsdp_stage_continues_a_single_process_run(tmp_path: Path) -> None:
+    """``continue_from`` into a sharded run: every student parameter's AdamW moments and step count,
+    gathered back from the FSDP shards at the start, are those of the single-process pretraining checkpoint
+    (its ids count in the optimizer's order, FSDP's state is keyed by name)."""
+    torch.manual_seed(0)
+    pretrain = tiny_module(gram=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|in eval mode|litlogger).*")
+        trainer.fit(pretrain, DataLoader([random_batch(0), random_batch(1)], batch_size=None))
+    checkpoint = tmp_path / "pretrain.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)["optimizer_states"][0]
+    names = {pid: n for g in saved["param_groups"] for pid, n in zip(g["params"], g["names"], strict=True)}
+
+    run_script("continue", "pretrain", tmp_path, "--ckpt", checkpoint)
+    started = torch.load(tmp_path / "moments.pt", weights_only=True)
+    assert len(saved["state"]) == len(started) > 0
+    for pid, moments in saved["state"].items():
+        got = started[f"student.{names[pid]}"]
+        for key, value in moments.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=f"{names[pid]}: {key}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the 2-process CPU runs of this file's slow tests")
-    parser.add_argument("run", choices=["compare", "resume"])
+    parser.add_argument("run", choices=["compare", "resume", "continue"])
     parser.add_argument("mode", help="compare: ddp or fsdp; resume: pretrain or distill")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--teacher", type=Path, help="resume distill: the tiny teacher file")
-    parser.add_argument("--ckpt", type=Path, help="resume: the checkpoint to resume from")
+    parser.add_argument("--ckpt", type=Path, help="resume, continue: the checkpoint to start from")
     args = parser.parse_args()
     if args.run == "compare":
         distributed_fit(args.mode, args.folder)
+    elif args.run == "continue":
+        continue_fit(args.folder, args.ckpt)
     else:
         resume_fit(args.mode, args.folder, args.teacher, args.ckpt)

@@ -408,6 +408,11 @@ def configure_fsdp(module: L.LightningModule) -> None:
         strategy.mixed_precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
+def unwrapped_name(name: str) -> str:
+    """A parameter name or state-dict key without the FSDP and activation-checkpointing wrappers' prefixes."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 def grads_sharded(module: L.LightningModule) -> bool:
     """Whether each rank holds only a shard of every gradient (FSDP sharding over more than one process)."""
     strategy = module._trainer.strategy if module._trainer is not None else None
@@ -545,16 +550,22 @@ class StageCheckpoint(NamedTuple):
     """What the next stage takes from a previous stage's Lightning checkpoint."""
 
     networks: dict[str, dict[str, Tensor]]  # "student" / "teacher" -> state dict without that prefix
-    optimizer: dict[str, Any]  # the AdamW ``state_dict()``
+    moments: dict[str, dict[str, Tensor]]  # student parameter name -> its AdamW state (step, moments)
+    parameters: frozenset[str]  # the names of all student parameters the optimizer held
 
 
 def read_stage_checkpoint(path: str | os.PathLike) -> StageCheckpoint:
     """Student, EMA teacher and optimizer state of a Lightning checkpoint (``.ckpt``) of a previous stage,
     read with ``torch.load(weights_only=True)``.
 
+    The AdamW state is keyed by parameter name (without wrapper prefixes): each parameter group lists its
+    parameters' ids and names in the same order, whether the ids count in the optimizer's order (one
+    device, DDP) or in the model's (Lightning's FSDP checkpoints).
+
     Raises:
         CheckpointError: Missing or unreadable file, or not a training checkpoint of a DINOv3 module (no
-            ``state_dict`` with ``student.`` and ``teacher.`` keys, or no single optimizer state).
+            ``state_dict`` with ``student.`` and ``teacher.`` keys, or no single optimizer state with named
+            parameter groups).
     """
     obj = read_checkpoint(path)
     state = obj.get("state_dict") if isinstance(obj, Mapping) else None
@@ -570,7 +581,14 @@ def read_stage_checkpoint(path: str | os.PathLike) -> StageCheckpoint:
     }
     if not all(networks.values()):
         raise CheckpointError(f"{path}: no student and teacher networks in its state_dict")
-    return StageCheckpoint(networks, optimizers[0])
+    groups = optimizers[0].get("param_groups", [])
+    if not groups or any(len(g.get("names", ())) != len(g["params"]) for g in groups):
+        raise CheckpointError(
+            f"{path}: its optimizer state has no named parameter groups (not a geodino run)"
+        )
+    names = {pid: unwrapped_name(n) for g in groups for pid, n in zip(g["params"], g["names"], strict=True)}
+    moments = {names[pid]: state for pid, state in optimizers[0]["state"].items()}
+    return StageCheckpoint(networks, moments, frozenset(names.values()))
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], path: str | os.PathLike) -> None:

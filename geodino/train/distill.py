@@ -54,6 +54,7 @@ from geodino.train.base import (
     rank0_state_dict,
     read_teacher_file,
     unpack_batch,
+    unwrapped_name,
 )
 from geodino.train.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from geodino.train.param_groups import param_groups
@@ -446,12 +447,7 @@ def _allow_missing_teacher(module: nn.Module, incompatible: nn.modules.module._I
     keeps the weights read from ``teacher_from``); every other key still loads strictly. Runs inside the
     load, so it also works where Lightning's FSDP strategy loads the state before any checkpoint hook."""
     missing = incompatible.missing_keys
-    missing[:] = [key for key in missing if not _unwrapped(key).startswith("teacher.")]
-
-
-def _unwrapped(key: str) -> str:
-    """A state-dict key without the FSDP and activation-checkpointing wrappers' prefixes."""
-    return key.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+    missing[:] = [key for key in missing if not unwrapped_name(key).startswith("teacher.")]
 
 
 def _check_student_specs(students: list[dict[str, Any]]) -> list[dict[str, Any]]:

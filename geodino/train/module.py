@@ -34,6 +34,12 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    FullyShardedDataParallel,
+    StateDictType,
+)
 from torch.optim import Optimizer
 
 from geodino.io import atomic_output
@@ -43,6 +49,7 @@ from geodino.train.base import (
     LOSS_BUFFER_PREFIXES,
     N_GLOBAL_CROPS,
     SSLModule,
+    StageCheckpoint,
     build_networks,
     fsdp_inner,
     head_sizes,
@@ -52,6 +59,7 @@ from geodino.train.base import (
     read_stage_checkpoint,
     read_teacher_file,
     unpack_batch,
+    unwrapped_name,
 )
 from geodino.train.losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss, resize_patch_features
 from geodino.train.param_groups import param_groups
@@ -148,7 +156,8 @@ class DINOv3Module(SSLModule):
             this module with the same networks: the student, the EMA teacher and the AdamW state continue from
             it, as the official Gram stage continues the pretraining run; this stage's step counter and
             schedules start at 0. The Gram teacher starts as that EMA teacher unless ``gram_from`` is given.
-            Single device or DDP (refused under FSDP at fit start). Not with ``init_from``.
+            The AdamW state moves by parameter name, so either stage may run on one device, DDP or FSDP,
+            with any ``layer_decay``. Not with ``init_from``.
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
         activation_checkpointing: Recompute the student's block activations in the backward pass instead of
             keeping them (:func:`~geodino.train.base.checkpoint_blocks`), with the same gradients (drop-path
@@ -254,12 +263,12 @@ class DINOv3Module(SSLModule):
         if init_from is not None:
             load_strict(self.student, read_teacher_file(init_from), init_from)
         self.teacher = build_networks(backbone, {**overrides, "drop_path_rate": 0.0}, heads)
-        self._continued_optimizer: dict[str, Any] | None = None
+        self._continued_from: StageCheckpoint | None = None
         if continue_from is not None:
             previous = read_stage_checkpoint(continue_from)
             load_strict(self.student, previous.networks["student"], continue_from)
             load_strict(self.teacher, previous.networks["teacher"], continue_from)
-            self._continued_optimizer = previous.optimizer  # loaded once the optimizer exists
+            self._continued_from = previous._replace(networks={})  # AdamW state: loaded in on_fit_start
         else:
             self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
@@ -370,39 +379,44 @@ class DINOv3Module(SSLModule):
     # ------------------------------------------------------------------ Lightning hooks
 
     def on_fit_start(self) -> None:
-        """With ``continue_from``: the previous stage's AdamW state goes into this run's optimizer, with this
-        stage's hyper-parameters. A stage resumed with ``ckpt_path`` keeps its own optimizer state: Lightning
-        restores it after this hook.
+        """With ``continue_from``: the previous stage's AdamW state (moments and step count of every student
+        parameter, matched by name) goes into this run's optimizer, which keeps this stage's group
+        hyper-parameters. Either run may be single-device, DDP or FSDP. A stage resumed with ``ckpt_path``
+        keeps its own optimizer state: Lightning restores it after this hook.
 
         Raises:
-            ValueError: Under FSDP.
-            CheckpointError: The checkpoint's parameter groups differ from this optimizer's (other networks,
-                or a different ``layer_decay`` grouping), or its optimizer state was saved under FSDP.
+            CheckpointError: The checkpoint's student parameters differ from this stage's.
         """
-        saved, path = self._continued_optimizer, self.hparams.continue_from
-        self._continued_optimizer = None
-        if saved is None:
+        previous, path = self._continued_from, self.hparams.continue_from
+        self._continued_from = None
+        if previous is None:
             return
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            raise ValueError(
-                f"continue_from={path} is not supported under FSDP: run this stage with strategy ddp, or "
-                "start it from the exported teacher with init_from (fresh AdamW; warm the LR up)"
-            )
-        current = self.trainer.optimizers[0].state_dict()["param_groups"]
-        saved_ids, ids = ([g["params"] for g in groups] for groups in (saved["param_groups"], current))
-        if list(map(len, saved_ids)) != list(map(len, ids)):
+        optimizer = self.trainer.optimizers[0]
+        current = optimizer.state_dict()["param_groups"]
+        order = [unwrapped_name(n) for g in current for n in g["names"]]
+        if set(order) != previous.parameters:
+            diff = sorted(previous.parameters.symmetric_difference(order))
             raise CheckpointError(
-                f"{path}: its AdamW parameter groups do not match this stage's ({len(saved_ids)} groups vs "
-                f"{len(ids)}): keep the previous stage's networks and layer_decay"
+                f"{path}: its optimizer holds other student parameters than this stage's ({len(diff)} "
+                f"differ, e.g. {diff[0]}): keep the previous stage's networks"
             )
-        if saved_ids != ids:  # Lightning's FSDP numbers the parameters in the model's order, not the groups'
-            raise CheckpointError(
-                f"{path}: its optimizer state was saved under FSDP; continue_from needs a DDP or "
-                "single-device run's checkpoint, or use init_from with its exported teacher"
+        if not isinstance(self.trainer.strategy, FSDPStrategy):
+            state = {i: previous.moments[name] for i, name in enumerate(order) if name in previous.moments}
+            self.trainer.strategy.load_optimizer_state_dict(
+                {"optimizer_states": [{"state": state, "param_groups": current}]}
             )
-        self.trainer.strategy.load_optimizer_state_dict(
-            {"optimizer_states": [{"state": saved["state"], "param_groups": current}]}
-        )
+            return
+        by_fqn = {  # FSDP's full optimizer state: keyed by the model's parameter names
+            "state": {f"student.{name}": state for name, state in previous.moments.items()},
+            "param_groups": [
+                {**g, "params": [f"student.{unwrapped_name(n)}" for n in g["names"]]} for g in current
+            ],
+        }
+        model = self.trainer.strategy.model
+        full = FullStateDictConfig(rank0_only=False), FullOptimStateDictConfig(rank0_only=False)
+        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, *full):
+            flat = FullyShardedDataParallel.optim_state_dict_to_load(model, optimizer, by_fqn)
+        optimizer.load_state_dict(flat)
 
     def configure_optimizers(self) -> Optimizer:
         """AdamW over the official parameter groups of the student (LR and WD are set at every step)."""
