@@ -323,6 +323,23 @@ def test_selective_checkpointing_compiles_and_keeps_more_than_full(monkeypatch: 
         tiny_module(activation_checkpointing="some")
 
 
+def fit_and_save(module: L.LightningModule, batches: list[dict[str, Tensor]], path: Path) -> Path:
+    """One single-process CPU step per batch, then a Lightning checkpoint at ``path``."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|in eval mode|litlogger).*")
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+    trainer.save_checkpoint(path)
+    return path
+
+
 def test_checkpointing_and_compile_keep_stored_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.nn.Module, "compile", aot_eager_compile)
     torch._dynamo.reset()
@@ -331,20 +348,8 @@ def test_checkpointing_and_compile_keep_stored_names(tmp_path: Path, monkeypatch
     modules, checkpoints = {}, {}
     for name, options in (("plain", {}), ("scaled", {"activation_checkpointing": True, "compile": True})):
         torch.manual_seed(0)
-        modules[name] = module = tiny_module(**options)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(num_workers|in eval mode|litlogger).*")
-            trainer.fit(module, DataLoader([batch], batch_size=None))
-        checkpoints[name] = tmp_path / f"{name}.ckpt"
-        trainer.save_checkpoint(checkpoints[name])
+        modules[name] = tiny_module(**options)
+        checkpoints[name] = fit_and_save(modules[name], [batch], tmp_path / f"{name}.ckpt")
     plain, scaled = modules["plain"], modules["scaled"]
     assert all(block._compiled_call_impl is not None for block in scaled.teacher["backbone"].blocks)
     assert all(loss._compiled_call_impl is not None for loss in (scaled.dino_loss, scaled.ibot_patch_loss))
@@ -677,20 +682,8 @@ def test_fsdp_stage_continues_a_single_process_run(tmp_path: Path) -> None:
     gathered back from the FSDP shards at the start, are those of the single-process pretraining checkpoint
     (its ids count in the optimizer's order, FSDP's state is keyed by name)."""
     torch.manual_seed(0)
-    pretrain = tiny_module(gram=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|in eval mode|litlogger).*")
-        trainer.fit(pretrain, DataLoader([random_batch(0), random_batch(1)], batch_size=None))
-    checkpoint = tmp_path / "pretrain.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    batches = [random_batch(0), random_batch(1)]
+    checkpoint = fit_and_save(tiny_module(gram=False), batches, tmp_path / "pretrain.ckpt")
     saved = torch.load(checkpoint, weights_only=True)["optimizer_states"][0]
     names = {pid: n for g in saved["param_groups"] for pid, n in zip(g["params"], g["names"], strict=True)}
 
