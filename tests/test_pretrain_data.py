@@ -119,6 +119,7 @@ def test_fit_on_a_chip_store_through_the_cli(chip_set: dict[str, Path], tmp_path
         f"--data.batch_size={BATCH}",
         "--data.num_workers=0",
         f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.callbacks.init_args.dirpath={tmp_path}/checkpoints",  # the recipe's ModelCheckpoint
         "--trainer.max_steps=2",
         "--trainer.enable_progress_bar=false",
     ]

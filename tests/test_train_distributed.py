@@ -156,6 +156,7 @@ def fit_command(
         "--data.num_workers=0",
         f"--data.batch_size={BATCH}",
         f"--trainer.default_root_dir={root}",
+        f"--trainer.callbacks.init_args.dirpath={root}/checkpoints",  # the recipe's ModelCheckpoint (last)
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         *overrides,
