@@ -270,8 +270,10 @@ class StepTimer(L.Callback):
 
 
 def stages(args: argparse.Namespace, out: Path, accelerator: str, record: Callable[[dict], None]) -> dict:
-    """Part 2: pretrain then Gram anchoring with Lightning on a synthetic corpus; ``record`` receives the
-    report after each stage (so that a run stopped in the Gram stage keeps the pretrain figures)."""
+    """Part 2: pretrain then Gram anchoring with Lightning on a synthetic corpus, the Gram stage continuing
+    the pretraining run's Lightning checkpoint (``continue_from``: networks and AdamW state, as the recipes);
+    ``record`` receives the report after each stage (so that a run stopped in the Gram stage keeps the
+    pretrain figures)."""
     scene = make_scene(out / "scene.tif", size=512 if args.tiny else 2048, seed=3, bands=3)
     corpus_path = out / "corpus.parquet"
     RasterCorpus.from_paths([scene.path], progress=False).save(corpus_path)
@@ -289,13 +291,13 @@ def stages(args: argparse.Namespace, out: Path, accelerator: str, record: Callab
     }
     strategy = args.stage_strategy if accelerator == "gpu" else "auto"  # Lightning's FSDP needs a GPU
     report = {}
-    teacher = out / "pretrain_teacher.pth"
+    checkpoint = out / "pretrain.ckpt"
     for stage in ("pretrain", "gram"):
         gram = stage == "gram"
         module = DINOv3Module(
             **common,
             gram=gram,
-            init_from=str(teacher) if gram else None,
+            continue_from=str(checkpoint) if gram else None,
             gram_loss_weight={"start": 0.0, "peak": 2.0, "warmup": 20} if gram else None,
             gram_update_frequency=50 if gram else None,
             gram_max_updates=3 if gram else None,
@@ -323,7 +325,7 @@ def stages(args: argparse.Namespace, out: Path, accelerator: str, record: Callab
             enable_checkpointing=False,
             enable_progress_bar=False,
             use_distributed_sampler=False,
-            callbacks=[timer, ExportTeacher(teacher if not gram else out / "gram_teacher.pth")],
+            callbacks=[timer, ExportTeacher(out / f"{stage}_teacher.pth")],
         )
         start = time.perf_counter()
         trainer.fit(module, data)
@@ -341,6 +343,8 @@ def stages(args: argparse.Namespace, out: Path, accelerator: str, record: Callab
             "gram_updates": int(module.gram_updates) if gram else None,
         }
         record(report)
+        if not gram:
+            trainer.save_checkpoint(checkpoint)  # what the Gram stage continues
         release(torch.device("cuda" if accelerator == "gpu" else "cpu"))
     return report
 
