@@ -587,7 +587,7 @@ def read_stage_checkpoint(path: str | os.PathLike) -> StageCheckpoint:
             f"{path}: its optimizer state has no named parameter groups (not a geodino run)"
         )
     names = {pid: unwrapped_name(n) for g in groups for pid, n in zip(g["params"], g["names"], strict=True)}
-    moments = {names[pid]: state for pid, state in optimizers[0]["state"].items()}
+    moments = {names[pid]: adamw for pid, adamw in optimizers[0]["state"].items()}
     return StageCheckpoint(networks, moments, frozenset(names.values()))
 
 
