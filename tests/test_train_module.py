@@ -516,6 +516,8 @@ def test_continue_from_carries_networks_and_adamw_state_into_the_gram_stage(chip
 
     with pytest.raises(ValueError, match="not both"):
         tiny_module(continue_from=str(path), init_from=str(path))
+    with pytest.raises(CheckpointError, match=r"no such Lightning checkpoint.*run that stage first"):
+        tiny_module(continue_from=str(tmp_path / "missing" / "last.ckpt"))
     with pytest.raises(CheckpointError, match="not a Lightning training checkpoint"):
         tiny_module(continue_from=str(module.export_teacher(tmp_path / "teacher.pth")))
     with pytest.raises(CheckpointError, match="does not fit"):

@@ -19,6 +19,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -567,6 +568,11 @@ def read_stage_checkpoint(path: str | os.PathLike) -> StageCheckpoint:
             ``state_dict`` with ``student.`` and ``teacher.`` keys, or no single optimizer state with named
             parameter groups).
     """
+    if not Path(path).is_file():
+        raise CheckpointError(
+            f"{path}: no such Lightning checkpoint; the previous stage writes it with its ModelCheckpoint "
+            "(save_last: true, e.g. runs/pretrain_tiny/checkpoints/last.ckpt): run that stage first"
+        )
     obj = read_checkpoint(path)
     state = obj.get("state_dict") if isinstance(obj, Mapping) else None
     optimizers = obj.get("optimizer_states") if isinstance(obj, Mapping) else None
