@@ -423,23 +423,30 @@ LIGHTNING_COMMANDS = {
 
 
 def run_lightning(argv: Sequence[str]) -> int:
-    """``geodino fit|validate|distill --config recipe.yaml ...`` through LightningCLI."""
+    """``geodino fit|validate|distill --config recipe.yaml ...`` through LightningCLI. A checkpoint or raster
+    that cannot be used (a previous stage's file missing, unreadable or of other networks) is reported in
+    one line naming the file and the fix, without a traceback."""
     from lightning.pytorch.cli import LightningCLI
 
     from geodino import train
+    from geodino.data import RasterFileError
+    from geodino.models import CheckpointError
 
     subcommand, module = LIGHTNING_COMMANDS[argv[0]]
     with warnings.catch_warnings():
         # The arguments always come through `args` (``distill`` becomes ``fit``); this warning is about that.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        LightningCLI(
-            getattr(train, module),
-            train.PretrainDataModule,
-            args=[subcommand, *argv[1:]],
-            # The chip sampler shards itself over ranks; Lightning's DistributedSampler would shard it again.
-            trainer_defaults={"use_distributed_sampler": False},
-            save_config_kwargs={"overwrite": True},
-        )
+        try:
+            LightningCLI(
+                getattr(train, module),
+                train.PretrainDataModule,
+                args=[subcommand, *argv[1:]],
+                # the chip sampler shards itself over ranks; Lightning's would shard it again
+                trainer_defaults={"use_distributed_sampler": False},
+                save_config_kwargs={"overwrite": True},
+            )
+        except (CheckpointError, RasterFileError) as err:
+            return _error(str(err))
     return 0
 
 

@@ -39,6 +39,15 @@ def test_recipes_match_the_module_and_data_signatures(recipe: str, capsys: pytes
     assert printed["model"]["backbone"] == yaml.safe_load((RECIPES / recipe).read_text())["model"]["backbone"]
 
 
+def test_a_stage_without_its_previous_stage_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The Gram recipe run before the pretraining: one line naming the missing checkpoint and the fix."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(RECIPES / "gram_tiny.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "geodino: error: runs/pretrain_tiny/checkpoints/last.ckpt: no such Lightning checkpoint" in err
+    assert "run that stage first" in err and "Traceback" not in err
+
+
 def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
     rasters = shared_path("data", "rasters")
     monkeypatch.chdir(tmp_path)
