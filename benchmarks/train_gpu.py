@@ -269,7 +269,7 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter())
 
 
-def stages(args: argparse.Namespace, out: Path, accelerator: str, record: Callable[[dict], None]) -> dict:
+def stages(args: argparse.Namespace, out: Path, accelerator: str, record: Callable[[dict], None]) -> None:
     """Part 2: pretrain then Gram anchoring with Lightning on a synthetic corpus, the Gram stage continuing
     the pretraining run's Lightning checkpoint (``continue_from``: networks and AdamW state, as the recipes);
     ``record`` receives the report after each stage (so that a run stopped in the Gram stage keeps the
@@ -346,7 +346,6 @@ def stages(args: argparse.Namespace, out: Path, accelerator: str, record: Callab
         if not gram:
             trainer.save_checkpoint(checkpoint)  # what the Gram stage continues
         release(torch.device("cuda" if accelerator == "gpu" else "cpu"))
-    return report
 
 
 def parse_args() -> argparse.Namespace:

@@ -497,9 +497,6 @@ def test_continue_from_carries_networks_and_adamw_state_into_the_gram_stage(chip
         assert all(torch.equal(start.state["state"][i][name], values[name]) for name in values)
     groups = tiny_module(layer_decay=0.9).configure_optimizers().param_groups
     assert [g["lr_multiplier"] for g in start.state["param_groups"]] == [g["lr_multiplier"] for g in groups]
-    start_ids = {
-        n: s for g in start.state["param_groups"] for n, s in zip(g["names"], g["params"], strict=True)
-    }
     assert {float(v["step"]) for v in module.trainer.optimizers[0].state.values()} == {4.0}  # 2 + 2 steps
 
     resumed = tiny_module(**stage)
@@ -536,10 +533,8 @@ def test_continue_from_carries_networks_and_adamw_state_into_the_gram_stage(chip
     at_start = OptimizerAtStart()
     fit(flat, make_batches(chips, 1), 1, trainer_kwargs={"callbacks": [at_start]})
     assert len(at_start.state["param_groups"]) < len(start.state["param_groups"])
-    by_name = {
-        n: s for g in at_start.state["param_groups"] for n, s in zip(g["names"], g["params"], strict=True)
-    }
-    for name, pid in by_name.items():
+    start_ids = ids_by_name(start.state)
+    for name, pid in ids_by_name(at_start.state).items():
         want = start.state["state"][start_ids[name]]
         assert all(torch.equal(at_start.state["state"][pid][key], want[key]) for key in want), name
     groups[0]["names"] = ["backbone.renamed", *groups[0]["names"][1:]]
