@@ -9,7 +9,8 @@ logits, as they leave the head under autocast: the iBOT call of a ViT-L step at 
 (M = 4915 masked patches: 128 global crops x 256 patches x 0.5 masked x 0.3 mean ratio) and the DINO
 call (128 CLS rows); logits ~ N(0, 0.5^2), scores logits / 0.07 within about +-40. The operation is
 memory-bound, so the time follows the passes over the [M, 65536] float32 scores. Reports the median of
-``--repeats`` timed calls after one warm-up, and the largest difference between the two results.
+``--repeats`` timed calls after one warm-up, and each float32 result's largest relative error against the
+official algorithm run in float64.
 
 On a CPU, ``exp`` of arguments below float32's underflow point (about -87) takes a slow path (~4x): with
 logits spread wider than here, geodino's max-shifted scores reach it where the official unshifted ones
@@ -34,10 +35,14 @@ ROWS = {"iBOT, ViT-L B=64": 4915, "DINO, ViT-L B=64": 128}
 
 @torch.no_grad()
 def official_sinkhorn(
-    teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    teacher_output: torch.Tensor,
+    teacher_temp: float,
+    n_iterations: int = 3,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The official ``sinkhorn_knopp_teacher`` on one process (``dinov3/loss/dino_clstoken_loss.py``)."""
-    teacher_output = teacher_output.float()
+    """The official ``sinkhorn_knopp_teacher`` on one process (``dinov3/loss/dino_clstoken_loss.py``), in
+    float32 as there, or in ``dtype`` (float64: the reference both float32 results are compared with)."""
+    teacher_output = teacher_output.to(dtype)
     q = torch.exp(teacher_output / teacher_temp).t()
     b = q.shape[1]
     k = q.shape[0]
@@ -79,11 +84,22 @@ def main() -> None:
             logits = (0.5 * torch.randn(n, K, generator=gen)).to(device, torch.bfloat16)
             official = median_seconds(official_sinkhorn, logits, args.repeats)
             ours = median_seconds(sinkhorn_knopp, logits, args.repeats)
-            diff = (sinkhorn_knopp(logits, TEMP) - official_sinkhorn(logits, TEMP)).abs().max().item()
-            rows.append((name, call, n, official * 1e3, ours * 1e3, official / ours, diff))
-    header = "| device | call | rows x 65536 | official ms | geodino ms | speed-up | max abs diff |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
-    lines += [f"| {d} | {c} | {n} | {a:.1f} | {b:.1f} | {r:.2f}x | {e:.1e} |" for d, c, n, a, b, r, e in rows]
+            reference = official_sinkhorn(logits, TEMP, dtype=torch.float64)
+            errors = [
+                ((fn(logits, TEMP).double() - reference).abs() / reference).max().item()
+                for fn in (official_sinkhorn, sinkhorn_knopp)
+            ]
+            del reference
+            rows.append((name, call, n, official * 1e3, ours * 1e3, official / ours, *errors))
+    header = (
+        "| device | call | rows x 65536 | official ms | geodino ms | speed-up "
+        "| max rel. error vs float64, official | geodino |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| {d} | {c} | {n} | {a:.1f} | {b:.1f} | {r:.2f}x | {e1:.1e} | {e2:.1e} |"
+        for d, c, n, a, b, r, e1, e2 in rows
+    ]
     print("\n".join(lines))
     if args.markdown:
         from results_md import write_section

@@ -175,6 +175,22 @@ def test_sinkhorn_keeps_denormal_prototype_masses() -> None:
     np.testing.assert_allclose(out.sum(dim=1).numpy(), 1.0, rtol=1e-5)
 
 
+def test_sinkhorn_keeps_samples_far_below_every_prototype() -> None:
+    """A sample whose scores all lie ~95 τ below every prototype's maximum has sub-normal exp-scores and a
+    sub-normal first mass: it must still get a finite distribution close to the float64 reference (the
+    reciprocal of its mass overflows float32)."""
+    temp = 0.05
+    logits = torch.randn(8, 16, generator=torch.Generator().manual_seed(4))
+    logits[2] = logits[[0, 1, *range(3, 8)]].amax(dim=0) - 95 * temp + 0.01 * torch.randn(16)
+    scores = torch.exp((logits[2] - logits.amax(dim=0)) / temp)
+    assert 0 < scores.max() < torch.finfo(torch.float32).tiny
+    out = sinkhorn_knopp(logits, teacher_temp=temp)
+    assert torch.isfinite(out).all()
+    reference = naive_sinkhorn(logits.numpy(), temp, 3)
+    np.testing.assert_allclose(out.numpy(), reference, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(out.sum(dim=1).numpy(), 1.0, rtol=1e-5)
+
+
 def test_sinkhorn_empty_input() -> None:
     assert sinkhorn_knopp(torch.empty(0, 5), teacher_temp=0.07).shape == (0, 5)
 

@@ -22,17 +22,26 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     is scaled to mass 1/K, then every sample column to mass 1/N; finally Q × N, so that each sample's
     assignment sums to exactly 1 over the prototypes while each prototype receives ≈ N/K samples in total.
     N is the number of rows summed over all processes. When ``torch.distributed`` is initialised, the
-    total mass, the row count and the per-prototype sums are all-reduced over the default group, so the
-    result on each process equals the matching rows of Sinkhorn-Knopp run on the concatenated global batch.
-    This covers both official uses: the DINO call (N = rows × world size) and the iBOT call, where ranks hold
-    different numbers of masked patches (N = all-reduced ``n_masked_patches``). Column (per-sample)
-    normalisation is local and needs no communication.
+    per-prototype maxima and sums and the row count are all-reduced over the default group, so the result on
+    each process equals the matching rows of Sinkhorn-Knopp run on the concatenated global batch. This
+    covers both official uses: the DINO call (N = rows × world size) and the iBOT call, where ranks hold
+    different numbers of masked patches (N = all-reduced ``n_masked_patches``). Per-sample sums are local
+    and need no communication.
 
-    The scores logits / τ are shifted by their global maximum before the exponential; the shift cancels in
-    the first normalisation, so results equal the official formula (to float32 rounding) while large
-    logits / small τ cannot overflow (the official exp overflows once a score passes ~88). As in the official
-    float32 code, a prototype whose scores all lie more than ~100 below the maximum underflows to zero mass
-    (NaN rows).
+    Computed as Q = diag(a) · E · diag(b) with E = exp((logits − m) / τ) [N, K], where m [K] is each
+    prototype's maximum score: each iteration updates only the scale vectors, b = 1 / (K · Eᵀa) and
+    a = 1 / (N · E b), two matrix-vector products that read E once each, instead of rescaling Q in full
+    (memory-bound on [N, 65536] float32: ~20 full passes instead of the official order's ~43; see
+    benchmarks/sinkhorn.py). The per-prototype shift m cancels in the first prototype normalisation, so the
+    result equals the official formula up to float32 rounding (within ~2e-5 relative of a float64 run: the
+    matrix-vector products accumulate less exactly than pairwise sums; the bf16 logits themselves are only
+    good to ~4e-3) while large logits or a small τ cannot overflow
+    (the official exp overflows once a score passes ~88) and every prototype keeps a sample of mass 1 (no
+    prototype underflows to zero mass). After the first iteration a is folded into E by a division, which
+    keeps rows whose scores all lie far below the maxima (sub-normal masses, whose reciprocals would
+    overflow) normalised; later row sums are then ratios of prototype scales and well within range. As in
+    the official float32 code, a sample whose scores all lie more than ~100 τ below every prototype's
+    maximum underflows to zero mass (a NaN row).
 
     Every process must call this function (it holds collectives).
 
@@ -50,29 +59,35 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     """
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
-    # Memory-bound on [N, K] float32 (K = 65536 prototypes): the official algebra with its scalar factors
-    # folded, so each iteration makes 2 passes that read and write Q and 2 that read it (the official order
-    # of in-place divisions makes 4 and 2) and the initial total-mass division, which the first row
-    # normalisation cancels, is left out; see benchmarks/sinkhorn.py.
-    # A process may hold no rows (e.g. no masked patches for iBOT); it still joins every collective.
-    max_logit = (
-        teacher_logits.max().float() if teacher_logits.numel() else teacher_logits.new_tensor(-torch.inf)
-    )
-    _all_reduce(max_logit, dist.ReduceOp.MAX)
-    q = teacher_logits.to(torch.float32, copy=True)  # a copy: the steps below work in place
-    q = q.sub_(max_logit).div_(teacher_temp).exp_().t()  # [K, N_local], exp(score - max score) <= 1
-    n_prototypes = q.shape[0]
-    n_samples = q.new_tensor(float(q.shape[1]))
-    _all_reduce(n_samples, dist.ReduceOp.SUM)
-    for i in range(n_iterations):
-        prototype_mass = q.sum(dim=1, keepdim=True)  # [K, 1]
-        _all_reduce(prototype_mass, dist.ReduceOp.SUM)
-        q /= prototype_mass * n_prototypes  # every prototype row: mass 1/K (a division: masses may be
-        # denormal, and their reciprocals would overflow)
-        sample_mass = q.sum(dim=0, keepdim=True)  # [1, N_local]
-        # every sample column: mass 1/N, except after the last iteration, where the official × N follows
-        q /= sample_mass if i == n_iterations - 1 else sample_mass * n_samples
-    return q.t()
+    n_local, n_prototypes = teacher_logits.shape
+    # the matrix-vector products stay float32 under autocast; cuBLAS / CPU gemv does not use TF32
+    with torch.autocast(teacher_logits.device.type, enabled=False):
+        # A process may hold no rows (e.g. no masked patches for iBOT); it still joins every collective.
+        prototype_max = (
+            teacher_logits.amax(dim=0).float()
+            if n_local
+            else teacher_logits.new_full((n_prototypes,), -torch.inf, dtype=torch.float32)
+        )
+        _all_reduce(prototype_max, dist.ReduceOp.MAX)
+        n_samples = teacher_logits.new_tensor(float(n_local), dtype=torch.float32)
+        _all_reduce(n_samples, dist.ReduceOp.SUM)
+        # E = exp((logits − m) / τ) [N_local, K] <= 1; a float32 copy, as the steps below work in place
+        e = teacher_logits.to(torch.float32, copy=True).sub_(prototype_max).div_(teacher_temp).exp_()
+        a = None  # row scales after the first iteration; None: all ones
+        for i in range(n_iterations):
+            prototype_mass = e.sum(dim=0) if a is None else torch.mv(e.t(), a)  # [K]
+            _all_reduce(prototype_mass, dist.ReduceOp.SUM)
+            b = (prototype_mass * n_prototypes).reciprocal_()  # every prototype: mass 1/K
+            sample_mass = torch.mv(e, b)  # [N_local]
+            # every sample: mass 1/N, except after the last iteration, where the official × N follows
+            if i < n_iterations - 1:
+                sample_mass *= n_samples
+            if i == 0:
+                e /= sample_mass.unsqueeze(1)  # folded into E by a division: the masses may be sub-normal
+            else:
+                a = sample_mass.reciprocal_()
+        q = e.mul_(b)
+        return q if a is None else q.mul_(a.unsqueeze(1))
 
 
 def _all_reduce(tensor: Tensor, op: dist.ReduceOp) -> None:
