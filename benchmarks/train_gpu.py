@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch._inductor.config
 from torch import Tensor
+from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
 from geodino.data import RasterCorpus, make_scene
@@ -79,6 +81,9 @@ VARIANTS = {
         Variant("compile_fused_2x", compile=True, fused_adamw=True, batch_scale=2),
         # ~95 GiB at ViT-L: fits an H200, reported as out of memory on an H100
         Variant("compile_fused_4x", compile=True, fused_adamw=True, batch_scale=4),
+        # ~135 GiB at ViT-L: the largest batch an H200 may hold; the per-step costs that do not grow with
+        # the batch (AdamW, EMA, clipping, launches) weigh less
+        Variant("compile_fused_6x", compile=True, fused_adamw=True, batch_scale=6),
         Variant(
             "compile_ckpt_4x", compile=True, activation_checkpointing=True, fused_adamw=True, batch_scale=4
         ),
@@ -208,12 +213,33 @@ def measure(variant: Variant, batch_size: int, args: argparse.Namespace, device:
         "loss": float(loss),
     }
     if variant.name in args.profile:
-        profile(step, args.out / f"profile_{variant.name}.txt")
+        measured["profile_ms_per_step"] = profile(step, args.out / f"profile_{variant.name}.txt")
     return measured
 
 
-def profile(step: Callable[[], Tensor], path: Path) -> None:
-    """Writes the operators and kernels of two steps, by self time on the device (or CPU), to ``path``."""
+#: Kernel (GPU) or operator (CPU) name patterns of the profile breakdown, first match wins: cuBLAS / cuDNN
+#: kernel names on the H200 and the operators or Triton kernels that inductor names after the ops it fused.
+PROFILE_CATEGORIES = (
+    ("patch-embedding convolution", r"conv"),
+    ("matmuls", r"nvjet|gemm|cutlass|xmma|aten::(mm|addmm|bmm|_scaled_mm)$"),
+    ("attention", r"attention|sdpa|flash|fmha|cudnn::fusion"),
+    ("GELU", r"gelu"),
+    ("LayerNorm", r"layer_norm"),
+    ("softmax / cross-entropy", r"softmax|logsumexp"),
+    ("drop-path gathers and scatters", r"index"),
+    ("RoPE", r"neg.*cat|cat.*neg|rope"),
+    ("optimizer, EMA, clipping", r"multi_tensor|foreach|adam|lerp|norm"),
+    ("eager elementwise (Sinkhorn, ...)", r"elementwise_kernel|aten::(div|mul|sub|exp|add)_?$"),
+    ("reductions", r"reduce_kernel|aten::(sum|amax|max|mv)$|gemv"),
+    ("copies", r"copy|memcpy|memset|clone|cat"),
+    ("other fused (adds, LayerScale, casts)", r"triton"),
+)
+
+
+def profile(step: Callable[[], Tensor], path: Path) -> dict[str, dict[str, float]]:
+    """Profiles two steps: writes operators and kernels by self time on the device (or CPU) to ``path`` and
+    returns the time per step by :data:`PROFILE_CATEGORIES` (``{category: {"ms": .., "share": ..}}``, largest
+    first; on a GPU the kernels' device time, on a CPU the operators' self time)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -221,8 +247,26 @@ def profile(step: Callable[[], Tensor], path: Path) -> None:
         for _ in range(2):
             step()
         sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    events = prof.key_averages()
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=80, max_name_column_width=60))
+    path.write_text(events.table(sort_by=key, row_limit=150, max_name_column_width=60))
+    on_gpu = torch.cuda.is_available()
+    device_type = DeviceType.CUDA if on_gpu else DeviceType.CPU
+    ms = dict.fromkeys([name for name, _ in PROFILE_CATEGORIES] + ["other"], 0.0)
+    for event in events:
+        if event.device_type != device_type:
+            continue
+        name = event.key
+        category = next(
+            (c for c, rule in PROFILE_CATEGORIES if re.search(rule, name, re.IGNORECASE)), "other"
+        )
+        ms[category] += (event.self_device_time_total if on_gpu else event.self_cpu_time_total) / 1e3 / 2
+    total = sum(ms.values())
+    return {
+        category: {"ms": round(value, 2), "share": round(value / total, 4)}
+        for category, value in sorted(ms.items(), key=lambda item: -item[1])
+        if value > 0
+    }
 
 
 def time_variant(name: str, args: argparse.Namespace, device: torch.device, per_image: float) -> dict:
