@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from results_md import RESULTS, write_section
+from results_md import RESULTS, markdown_table, write_section
 
 BATCH = 8
 BLOCK = 512
@@ -458,9 +458,12 @@ def main() -> None:
         f"(/proc/stat)"
         + (" — **preliminary: the machine was busy, rerun on a quiet machine**" if busy else ""),
         "",
-        "| workload | method | parallelism | chips/s | Mpx/s | CPU ms/chip | geodino / raw "
-        "| geodino / torchgeo |" + (" checksum |" if a.check else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if a.check else ""),
+        *markdown_table(
+            ["workload", "method", "parallelism", "chips/s", "Mpx/s", "CPU ms/chip", "geodino / raw"]
+            + ["geodino / torchgeo"]
+            + (["checksum"] if a.check else []),
+            [],
+        ),
         *table_lines,
         "",
         "Ratios: each geodino row against the fastest raw / torchgeo row of this run. CPU ms/chip: CPU time "

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from PIL import Image
-from results_md import RESULTS, write_section
+from results_md import RESULTS, markdown_table, write_section
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -466,17 +466,16 @@ def table(rows: dict[str, Scores], columns: Sequence[str], majority_row: str) ->
 
     ``columns`` are ``"<split> <kind> <probe>"`` keys; the ``majority_row`` reads the majority probe.
     """
-    head = " | ".join(c.replace("knn", "k-NN") for c in columns)
-    lines = [f"| features | {head} |", "|---" * (len(columns) + 1) + "|"]
+    cells = []
     for name, scores in rows.items():
-        cells = []
+        row = [name]
         for column in columns:
             if name == majority_row:
                 column = column.rsplit(" ", 1)[0] + " majority"
             acc, miou = np.mean(scores[column], axis=0)
-            cells.append(f"{100 * acc:.1f} / {100 * miou:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+            row.append(f"{100 * acc:.1f} / {100 * miou:.1f}")
+        cells.append(row)
+    return markdown_table(["features", *(c.replace("knn", "k-NN") for c in columns)], cells)
 
 
 def loss_summary(record: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from results_md import markdown_table, write_section
 from torch import Tensor, nn
 
 from geodino.train.base import compile_losses
@@ -127,19 +128,17 @@ def main() -> None:
             torch._dynamo.reset()
             size = f"{MASKED} x {K}" if call == "iBOT" else f"(2 + 8) x {IMAGES} x {K}"
             rows.append((name, call, size, *measure(call, device, args.repeats)))
-    header = (
-        "| device | call | student logits | eager ms | compiled ms | speed-up | compile s | max loss diff "
-        "| max grad diff (rel.) |"
+    header = ["device", "call", "student logits", "eager ms", "compiled ms", "speed-up", "compile s"]
+    header += ["max loss diff", "max grad diff (rel.)"]
+    lines = markdown_table(
+        header,
+        [
+            (d, c, s, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}x", f"{t:.0f}", f"{e:.1e}", f"{g:.1e}")
+            for d, c, s, a, b, t, e, g in rows
+        ],
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
-    lines += [
-        f"| {d} | {c} | {s} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {t:.0f} | {e:.1e} | {g:.1e} |"
-        for d, c, s, a, b, t, e, g in rows
-    ]
     print("\n".join(lines))
     if args.markdown:
-        from results_md import write_section
-
         intro = [
             f"## DINO and iBOT losses, compiled against eager ({time.strftime('%Y-%m-%d %H:%M')})",
             "",

@@ -25,6 +25,7 @@ import statistics
 import time
 
 import torch
+from results_md import markdown_table, write_section
 
 from geodino.train.losses import sinkhorn_knopp
 
@@ -91,19 +92,17 @@ def main() -> None:
             ]
             del reference
             rows.append((name, call, n, official * 1e3, ours * 1e3, official / ours, *errors))
-    header = (
-        "| device | call | rows x 65536 | official ms | geodino ms | speed-up "
-        "| max rel. error vs float64, official | geodino |"
+    header = ["device", "call", "rows x 65536", "official ms", "geodino ms", "speed-up"]
+    header += ["max rel. error vs float64, official", "geodino"]
+    lines = markdown_table(
+        header,
+        [
+            (d, c, n, f"{a:.1f}", f"{b:.1f}", f"{r:.2f}x", f"{e1:.1e}", f"{e2:.1e}")
+            for d, c, n, a, b, r, e1, e2 in rows
+        ],
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
-    lines += [
-        f"| {d} | {c} | {n} | {a:.1f} | {b:.1f} | {r:.2f}x | {e1:.1e} | {e2:.1e} |"
-        for d, c, n, a, b, r, e1, e2 in rows
-    ]
     print("\n".join(lines))
     if args.markdown:
-        from results_md import write_section
-
         intro = [
             f"## Sinkhorn-Knopp over 65536 prototypes ({time.strftime('%Y-%m-%d %H:%M')})",
             "",
