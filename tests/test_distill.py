@@ -104,7 +104,7 @@ def fit(module: L.LightningModule, batches: list[dict], max_steps: int, **kwargs
     }
     trainer_kwargs = {**defaults, **kwargs.pop("trainer_kwargs", {})}
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|litlogger|in eval mode).*")
+        warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|litlogger).*")
         L.Trainer(max_steps=max_steps, **trainer_kwargs).fit(
             module, DataLoader(batches, batch_size=None), **kwargs
         )
@@ -488,7 +488,7 @@ def test_distill_tiny_recipe_runs_through_lightning_cli(chips, tmp_path: Path, m
     teacher.export_teacher(recipe["model"]["teacher_from"])
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|litlogger|in eval mode).*")
+        warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|litlogger).*")
         cli = LightningCLI(
             DistillationModule,
             PretrainDataModule,

@@ -73,7 +73,7 @@ def trainer(max_steps: int, **kwargs) -> L.Trainer:
 
 def fit(module: DINOv3Module, batches: list[dict], max_steps: int, **kwargs) -> None:
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|litlogger|in eval mode).*")
+        warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|litlogger).*")
         trainer(max_steps, **kwargs.pop("trainer_kwargs", {})).fit(
             module, DataLoader(batches, batch_size=None), **kwargs
         )
@@ -261,6 +261,21 @@ def test_fit_lowers_loss_teacher_stays_eval(chips) -> None:
     student, teacher = params_of(module.student), params_of(module.teacher)
     assert not all(torch.equal(student[k], teacher[k]) for k in student)
     assert all(not p.requires_grad for p in module.teacher.parameters())
+
+
+def test_eval_mode_warning_only_for_trained_modules(chips) -> None:
+    """The teachers are in eval mode by design: Lightning's warning about eval-mode modules stays quiet for
+    them, but a student block left in eval mode is still reported."""
+    batches = make_batches(chips, 1)
+    for leave_in_eval, expected in ((None, 0), ("0", 1)):
+        module = tiny_module()
+        module.train()
+        if leave_in_eval is not None:
+            module.student["backbone"].blocks[int(leave_in_eval)].eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(1).fit(module, DataLoader(batches, batch_size=None))
+        assert sum("in eval mode at the start of training" in str(w.message) for w in caught) == expected
 
 
 def test_ema_follows_formula_with_momentum_schedule(chips) -> None:

@@ -334,7 +334,7 @@ def fit_and_save(module: L.LightningModule, batches: list[dict[str, Tensor]], pa
         enable_model_summary=False,
     )
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|in eval mode|litlogger).*")
+        warnings.filterwarnings("ignore", message=".*(num_workers|litlogger).*")
         trainer.fit(module, DataLoader(batches, batch_size=None))
     trainer.save_checkpoint(path)
     return path

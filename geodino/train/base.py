@@ -26,6 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import (
@@ -134,6 +135,19 @@ class SSLModule(L.LightningModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ modes and schedules
+
+    def on_fit_start(self) -> None:
+        """Quiets Lightning's "modules in eval mode at the start of training" warning when those modules are
+        exactly the :meth:`frozen_networks` (in eval by design); a trained module left in eval is still
+        reported (the filter matches only this count of modules)."""
+        frozen = {id(m) for network in self.frozen_networks() for m in network.modules()}
+        in_eval = [m for _, m in self.named_modules() if not m.training]
+        if in_eval and all(id(m) in frozen for m in in_eval):
+            warnings.filterwarnings(
+                "ignore",
+                message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start of training",
+                category=PossibleUserWarning,
+            )
 
     def train(self, mode: bool = True) -> SSLModule:
         """Sets the training mode of the trained networks; :meth:`frozen_networks` always stay in eval."""

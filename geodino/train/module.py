@@ -387,6 +387,7 @@ class DINOv3Module(SSLModule):
         Raises:
             CheckpointError: The checkpoint's student parameters differ from this stage's.
         """
+        super().on_fit_start()
         previous, path = self._continued_from, self.hparams.continue_from
         self._continued_from = None
         if previous is None:
