@@ -66,9 +66,8 @@ class Variant:
     activation_checkpointing: bool | str = False  # True: full, "selective": matmul and attention outputs kept
     fused_adamw: bool = False
     fp8: bool = False  # float8 matmuls in the blocks (torchao)
-    # inductor's max-autotune of the matmuls: Triton templates, with bias / GELU / casts fused into their
-    # epilogues where they beat cuBLAS (longer compilation)
-    max_autotune: bool = False
+    # torch._inductor.config settings patched while the variant compiles and runs
+    inductor: tuple[tuple[str, object], ...] = ()
     batch_scale: int = 1  # batch = --batch x batch_scale
 
 
@@ -96,8 +95,33 @@ VARIANTS = {
         ),
         Variant("compile_fused_2x_fp8", compile=True, fused_adamw=True, fp8=True, batch_scale=2),
         Variant("compile_fused_4x_fp8", compile=True, fused_adamw=True, fp8=True, batch_scale=4),
+        # the Triton kernels' launch configurations (block sizes, warps) benchmarked per kernel instead of
+        # inductor's heuristics: the elementwise kernels of the B=128 profile ran at about half the HBM
+        # bandwidth their bytes allow
         Variant(
-            "compile_fused_4x_autotune", compile=True, fused_adamw=True, max_autotune=True, batch_scale=4
+            "compile_fused_4x_tuned",
+            compile=True,
+            fused_adamw=True,
+            batch_scale=4,
+            inductor=(("coordinate_descent_tuning", True), ("max_autotune_pointwise", True)),
+        ),
+        # independent kernels of one graph (e.g. the same op on the global and the local crops) launched as
+        # one ("combo kernels", horizontal fusion)
+        Variant(
+            "compile_fused_4x_combo",
+            compile=True,
+            fused_adamw=True,
+            batch_scale=4,
+            inductor=(("combo_kernels", True),),
+        ),
+        # max-autotune of the matmuls: Triton templates, with bias / GELU / casts fused into their epilogues
+        # where they beat cuBLAS (longest compilation)
+        Variant(
+            "compile_fused_4x_autotune",
+            compile=True,
+            fused_adamw=True,
+            batch_scale=4,
+            inductor=(("max_autotune", True),),
         ),
     )
 }
@@ -273,11 +297,11 @@ def time_variant(name: str, args: argparse.Namespace, device: torch.device, per_
     """Part 1 for one variant: throughput, memory and MFU, or the out-of-memory error."""
     variant = VARIANTS[name]
     batch_size = args.batch * variant.batch_scale
-    result = {**asdict(variant), "batch_per_gpu": batch_size}
+    result = {**asdict(variant), "inductor": dict(variant.inductor), "batch_per_gpu": batch_size}
     del result["name"]
     torch._dynamo.reset()
     try:
-        with torch._inductor.config.patch(max_autotune=variant.max_autotune):
+        with torch._inductor.config.patch(dict(variant.inductor)):
             result |= measure(variant, batch_size, args, device)
     except torch.OutOfMemoryError as err:
         result["error"] = f"out of memory: {str(err).splitlines()[0]}"
