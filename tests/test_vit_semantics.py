@@ -160,6 +160,34 @@ def test_sample_drop_drop_path_matches_its_definition():
     torch.testing.assert_close(out[untouched], x[untouched])
 
 
+def test_crop_list_runs_per_token_ops_together_and_matches_each_crop_alone():
+    """A list of crops of different sizes (as the student's global and local crops) goes through one block
+    call: without drop-path it equals each crop run alone; with drop-path each residual branch runs on a
+    per-crop subset (the attention subsets of every crop drawn first, then the FFN subsets), as the official
+    list forward."""
+    torch.manual_seed(0)
+    block = _randomise(SelfAttentionBlock(32, 4, layerscale_init=0.5, drop_path=0.5))
+    crops = [torch.randn(6, 5, 32), torch.randn(4, 3, 32)]
+    ropes = [(torch.randn(4, 8), torch.randn(4, 8)), (torch.randn(2, 8), torch.randn(2, 8))]
+    block.eval()
+    together = block(crops, ropes)
+    for out, x, rope in zip(together, crops, ropes, strict=True):
+        torch.testing.assert_close(out, block(x, rope))
+    block.train()
+    torch.manual_seed(1)
+    together = block(crops, ropes)
+    torch.manual_seed(1)
+    attn_subsets = [torch.randperm(6)[:3], torch.randperm(4)[:2]]
+    expected = [x.clone() for x in crops]
+    for x, e, idx, rope in zip(crops, expected, attn_subsets, ropes, strict=True):
+        e[idx] += 2.0 * block.ls1(block.attn(block.norm1(x[idx]), rope))
+    ffn_subsets = [torch.randperm(6)[:3], torch.randperm(4)[:2]]
+    for e, idx in zip(expected, ffn_subsets, strict=True):
+        e[idx] += 2.0 * block.ls2(block.mlp(block.norm2(e[idx].clone())))
+    for out, e in zip(together, expected, strict=True):
+        torch.testing.assert_close(out, e)
+
+
 def test_intermediate_layers_validate_indices_and_keep_block_order():
     model = build_dinov3(**TINY).eval()
     x = torch.randn(1, 3, 32, 32)

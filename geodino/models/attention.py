@@ -8,6 +8,20 @@ from torch import Tensor, nn
 
 from geodino.models.rope import apply_rope
 
+Rope = tuple[Tensor, Tensor] | None
+
+
+def cat_tokens(xs: list[Tensor]) -> Tensor:
+    """The tokens of several crops as one [sum of B·N, E] tensor (a view for a single crop), so that per-token
+    ops (norms, linear layers, LayerScale) run once over all crops, as the official list forward does."""
+    return xs[0].flatten(0, -2) if len(xs) == 1 else torch.cat([x.flatten(0, -2) for x in xs])
+
+
+def split_tokens(tokens: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Inverse of :func:`cat_tokens`: views of ``tokens`` [sum of B·N, E'] as [B, N, E'], one per crop."""
+    parts = tokens.split([x.shape[:-1].numel() for x in like])
+    return [part.reshape(*x.shape[:-1], tokens.shape[-1]) for part, x in zip(parts, like, strict=True)]
+
 
 class LinearKMaskedBias(nn.Linear):
     """Fused qkv projection whose bias is multiplied by a persistent ``bias_mask`` buffer.
@@ -68,11 +82,22 @@ class SelfAttention(nn.Module):
         self.qkv = linear(dim, 3 * dim, bias=qkv_bias, device=device)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x: [B, N, E]; rope: (sin, cos), each [N_patches, head_dim]. Returns [B, N, E]."""
-        b, n, e = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, e // self.num_heads).permute(2, 0, 3, 1, 4)
+    def forward(self, x: Tensor | list[Tensor], rope: Rope | list[Rope] = None) -> Tensor | list[Tensor]:
+        """x: [B, N, E], or a list of such tensors (crops of different sizes); rope: (sin, cos), each
+        [N_patches, head_dim], or one per crop. Returns the same structure. The qkv and output projections
+        run once over the tokens of all crops, attention per crop with its own RoPE table."""
+        xs, ropes = (
+            (x, rope if rope is not None else [None] * len(x)) if isinstance(x, list) else ([x], [rope])
+        )
+        qkv = split_tokens(self.qkv(cat_tokens(xs)), xs)
+        attended = [self._attend(t, r) for t, r in zip(qkv, ropes, strict=True)]
+        out = split_tokens(self.proj(cat_tokens(attended)), xs)
+        return out if isinstance(x, list) else out[0]
+
+    def _attend(self, qkv: Tensor, rope: Rope) -> Tensor:
+        """Scaled dot-product attention of one crop: qkv [B, N, 3E] -> [B, N, E]."""
+        b, n, e3 = qkv.shape
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, e3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, e))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, e3 // 3)

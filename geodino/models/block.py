@@ -8,10 +8,8 @@ import torch
 from timm.layers import LayerScale
 from torch import Tensor, nn
 
-from geodino.models.attention import SelfAttention
+from geodino.models.attention import Rope, SelfAttention, cat_tokens, split_tokens
 from geodino.models.ffn import make_ffn
-
-Rope = tuple[Tensor, Tensor] | None
 
 
 class SelfAttentionBlock(nn.Module):
@@ -58,27 +56,42 @@ class SelfAttentionBlock(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.sample_drop_ratio = drop_path
 
-    def _attn_branch(self, x: Tensor, rope: Rope) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x), rope=rope))
+    def _attn_branch(self, xs: list[Tensor], ropes: list[Rope]) -> list[Tensor]:
+        """LayerScale(attention(norm1(x))) per crop; the norm runs once over the tokens of all crops."""
+        return [self.ls1(t) for t in self.attn(split_tokens(self.norm1(cat_tokens(xs)), xs), ropes)]
 
-    def _ffn_branch(self, x: Tensor) -> Tensor:
-        return self.ls2(self.mlp(self.norm2(x)))
+    def _ffn_branch(self, xs: list[Tensor]) -> list[Tensor]:
+        """LayerScale(FFN(norm2(x))) per crop, computed once over the tokens of all crops."""
+        return split_tokens(self.ls2(self.mlp(self.norm2(cat_tokens(xs)))), xs)
 
-    def _forward_one(self, x: Tensor, rope: Rope) -> Tensor:
+    def _add_branch(self, xs: list[Tensor], branch: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
+        """x + branch(x) for every crop. In training with drop-path the branch runs on a random subset of
+        max(int(B (1 - p)), 1) samples of each crop (subsets drawn crop by crop), added back scaled by
+        B / subset."""
         if not (self.training and self.sample_drop_ratio > 0.0):
-            x = x + self._attn_branch(x, rope)
-            return x + self._ffn_branch(x)
-        b = x.shape[0]
-        subset = max(int(b * (1 - self.sample_drop_ratio)), 1)
-        scale = b / subset
-        idx = torch.randperm(b, device=x.device)[:subset]
-        x = torch.index_add(x, 0, idx, self._attn_branch(x[idx], rope), alpha=scale)
-        idx = torch.randperm(b, device=x.device)[:subset]
-        return torch.index_add(x, 0, idx, self._ffn_branch(x[idx]), alpha=scale)
+            return [x + r for x, r in zip(xs, branch(xs), strict=True)]
+        kept = [
+            torch.randperm(x.shape[0], device=x.device)[
+                : max(int(x.shape[0] * (1 - self.sample_drop_ratio)), 1)
+            ]
+            for x in xs
+        ]
+        out = branch([x[i] for x, i in zip(xs, kept, strict=True)])
+        return [
+            torch.index_add(x, 0, i, r, alpha=x.shape[0] / i.shape[0])
+            for x, i, r in zip(xs, kept, out, strict=True)
+        ]
 
     def forward(self, x: Tensor | list[Tensor], rope: Rope | list[Rope] = None) -> Tensor | list[Tensor]:
-        """x: [B, N, E] or a list of such tensors (one per crop size), each with its own RoPE table."""
-        if isinstance(x, Tensor):
-            return self._forward_one(x, rope)
-        ropes = rope if rope is not None else [None] * len(x)
-        return [self._forward_one(t, r) for t, r in zip(x, ropes, strict=True)]
+        """x: [B, N, E] or a list of such tensors (one per crop size), each with its own RoPE table.
+
+        As the official list forward, the tokens of all crops are concatenated for the per-token ops
+        (norms, qkv and output projections, FFN, LayerScale) and attention runs per crop: one kernel per
+        op over every crop instead of one per crop.
+        """
+        xs, ropes = (
+            (x, rope if rope is not None else [None] * len(x)) if isinstance(x, list) else ([x], [rope])
+        )
+        xs = self._add_branch(xs, lambda t: self._attn_branch(t, ropes))
+        xs = self._add_branch(xs, self._ffn_branch)
+        return xs if isinstance(x, list) else xs[0]
