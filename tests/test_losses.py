@@ -386,10 +386,12 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
         data = torch.load(Path(out_dir) / "inputs.pt", weights_only=True)
         dino_rows = data["dino_logits"].chunk(world_size)[rank]
         ibot_rows = data["ibot_logits"].split(data["ibot_split"])[rank]
+        one_rank_rows = data["ibot_logits"].split([0, 20])[rank]
         koleo_rows = data["koleo"].chunk(world_size)[rank]
         results = {
             "dino": sinkhorn_knopp(dino_rows, teacher_temp=0.1),
             "ibot": sinkhorn_knopp(ibot_rows, teacher_temp=0.1),
+            "ibot_one_rank": sinkhorn_knopp(one_rank_rows, teacher_temp=0.1),
             "koleo": KoLeoLoss()(koleo_rows),
         }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -411,6 +413,11 @@ def test_sinkhorn_all_reduces_and_koleo_stays_per_process(tmp_path: Path) -> Non
     for key in ("dino", "ibot"):
         gathered = torch.cat([r[key] for r in ranks])
         torch.testing.assert_close(gathered, sinkhorn_knopp(inputs[f"{key}_logits"], teacher_temp=0.1))
+    # a rank without masked patches still joins every collective and returns no rows
+    assert ranks[0]["ibot_one_rank"].shape == (0, 6)
+    torch.testing.assert_close(
+        ranks[1]["ibot_one_rank"], sinkhorn_knopp(inputs["ibot_logits"], teacher_temp=0.1)
+    )
     halves = inputs["koleo"].chunk(2)
     for r, half in enumerate(halves):
         assert ranks[r]["koleo"].item() == pytest.approx(naive_koleo(half.numpy()), rel=1e-5)
