@@ -32,16 +32,15 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     prototype's maximum score: each iteration updates only the scale vectors, b = 1 / (K · Eᵀa) and
     a = 1 / (N · E b), two matrix-vector products that read E once each, instead of rescaling Q in full
     (memory-bound on [N, 65536] float32: ~20 full passes instead of the official order's ~43; see
-    benchmarks/sinkhorn.py). The per-prototype shift m cancels in the first prototype normalisation, so the
-    result equals the official formula up to float32 rounding (within ~2e-5 relative of a float64 run: the
-    matrix-vector products accumulate less exactly than pairwise sums; the bf16 logits themselves are only
-    good to ~4e-3) while large logits or a small τ cannot overflow
-    (the official exp overflows once a score passes ~88) and every prototype keeps a sample of mass 1 (no
-    prototype underflows to zero mass). After the first iteration a is folded into E by a division, which
-    keeps rows whose scores all lie far below the maxima (sub-normal masses, whose reciprocals would
-    overflow) normalised; later row sums are then ratios of prototype scales and well within range. As in
-    the official float32 code, a sample whose scores all lie more than ~100 τ below every prototype's
-    maximum underflows to zero mass (a NaN row).
+    benchmarks/sinkhorn.py). The shift m cancels in the first prototype normalisation, so the result equals
+    the official formula up to float32 rounding: within ~2e-5 relative of a float64 run, as matrix-vector
+    products accumulate less exactly than pairwise sums (the bf16 logits themselves are only good to
+    ~4e-3). Large logits or a small τ cannot overflow (the official exp overflows once a score passes
+    ~88), and every prototype keeps a sample of mass 1, so none underflows to zero mass. The first
+    iteration's a is folded into E by a division, which keeps samples whose scores all lie far below the
+    maxima (sub-normal masses, whose reciprocals would overflow) normalised; later sample sums are ratios
+    of prototype scales, well within range. As in the official float32 code, a sample whose scores all lie
+    more than ~100 τ below every prototype's maximum underflows to zero mass (a NaN row).
 
     Every process must call this function (it holds collectives).
 
