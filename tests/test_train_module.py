@@ -278,6 +278,16 @@ def test_eval_mode_warning_only_for_trained_modules(chips) -> None:
         assert sum("in eval mode at the start of training" in str(w.message) for w in caught) == expected
 
 
+def test_optimizer_is_fused_adamw_over_the_student_only() -> None:
+    """The fastest AdamW kernel (the benchmarks' "fused AdamW") on every device, over trainable student
+    parameters."""
+    module = tiny_module()
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert params == {id(p) for p in module.student.parameters()}
+
+
 def test_ema_follows_formula_with_momentum_schedule(chips) -> None:
     batches = make_batches(chips, 2)
     module = tiny_module(momentum={"start": 0.5, "peak": 0.9, "warmup": 2})  # m = 0.5, then 0.7

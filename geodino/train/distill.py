@@ -356,7 +356,8 @@ class DistillationModule(SSLModule):
     # ------------------------------------------------------------------ Lightning hooks
 
     def configure_optimizers(self) -> Optimizer:
-        """One AdamW over the official parameter groups of every student (layer decay over its own blocks)."""
+        """One fused AdamW over the official parameter groups of every student (layer decay over its own
+        blocks)."""
         groups = []
         for name, student in self.students.items():
             groups += param_groups(
@@ -365,7 +366,9 @@ class DistillationModule(SSLModule):
                 layer_decay=self.hparams.layer_decay,
                 patch_embed_lr_mult=self.hparams.patch_embed_lr_mult,
             )
-        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(self.hparams.betas))
+        return torch.optim.AdamW(
+            groups, lr=0.0, weight_decay=0.0, betas=tuple(self.hparams.betas), fused=True
+        )
 
     def clipped_networks(self) -> Iterator[tuple[str, nn.Module]]:
         """Each student's backbone, DINO head and iBOT head, clipped separately (official); metrics

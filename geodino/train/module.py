@@ -420,14 +420,17 @@ class DINOv3Module(SSLModule):
         optimizer.load_state_dict(flat)
 
     def configure_optimizers(self) -> Optimizer:
-        """AdamW over the official parameter groups of the student (LR and WD are set at every step)."""
+        """Fused AdamW (one kernel per group and device; on the GPU as on the CPU) over the official parameter
+        groups of the student (LR and WD are set at every step)."""
         groups = param_groups(
             ((name, fsdp_inner(module)) for name, module in self.student.items()),
             n_blocks=self.student["backbone"].n_blocks,
             layer_decay=self.hparams.layer_decay,
             patch_embed_lr_mult=self.hparams.patch_embed_lr_mult,
         )
-        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(self.hparams.betas))
+        return torch.optim.AdamW(
+            groups, lr=0.0, weight_decay=0.0, betas=tuple(self.hparams.betas), fused=True
+        )
 
     def clipped_networks(self) -> Iterator[tuple[str, nn.Module]]:
         """The student's backbone, DINO head and iBOT head, clipped separately (official)."""
