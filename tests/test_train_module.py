@@ -288,6 +288,22 @@ def test_optimizer_is_fused_adamw_over_the_student_only() -> None:
     assert params == {id(p) for p in module.student.parameters()}
 
 
+def test_progress_bar_loss_refreshes_with_the_logs_only(chips) -> None:
+    """The progress bar shows a CPU copy of the loss taken on the steps that write the logs (every
+    ``log_every_n_steps``): Lightning converts progress-bar values to numbers at every step, which for a
+    GPU tensor is a host sync per step. ``train/total_loss`` is still logged at every step."""
+    batches = make_batches(chips, 6)
+    seen = Recorder(lambda m, out: (m.trainer.progress_bar_metrics.get("loss"), float(out["loss"])))
+    logged = Recorder(lambda m, _: float(m.trainer.callback_metrics["train/total_loss"]))
+    fit(tiny_module(), batches, 6, trainer_kwargs={"callbacks": [seen, logged], "log_every_n_steps": 3})
+    bar = [shown for shown, _ in seen.values]
+    losses = [loss for _, loss in seen.values]
+    assert bar[:2] == [None, None]
+    assert bar[2] == bar[3] == bar[4] == pytest.approx(losses[2], rel=1e-6)
+    assert bar[5] == pytest.approx(losses[5], rel=1e-6) and losses[5] != losses[2]
+    assert logged.values == pytest.approx(losses, rel=1e-6)
+
+
 def test_ema_follows_formula_with_momentum_schedule(chips) -> None:
     batches = make_batches(chips, 2)
     module = tiny_module(momentum={"start": 0.5, "peak": 0.9, "warmup": 2})  # m = 0.5, then 0.7

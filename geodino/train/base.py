@@ -205,12 +205,24 @@ class SSLModule(L.LightningModule):
         with self._step_rng(step, batch_idx):
             losses = self.compute_losses(batch, step)
         n_images = batch["collated_global_crops"].shape[0] // N_GLOBAL_CROPS
-        self.log("train/total_loss", losses["loss"], prog_bar=True, sync_dist=True, batch_size=n_images)
+        self.log("train/total_loss", losses["loss"], sync_dist=True, batch_size=n_images)
+        if (step + 1) % self._log_every_n_steps() == 0:
+            # Lightning turns progress-bar values into numbers at every step once they are logged; for a
+            # device tensor that is a host sync draining the GPU's queue. The bar gets a CPU copy of the
+            # loss, made (one sync) only on the steps that write the logs.
+            self.log("loss", losses["loss"].detach().cpu(), prog_bar=True, logger=False, batch_size=n_images)
         terms = {name: value.detach() for name, value in losses.items() if name != "loss"}
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=n_images)
         values = self.schedule_values(step)
         self.log_dict({f"train/{k}": v for k, v in values.items()}, batch_size=n_images)
         return {"loss": losses["loss"], **terms}
+
+    def _log_every_n_steps(self) -> int:
+        """The trainer's ``log_every_n_steps``; 1 when the module runs without a trainer."""
+        try:
+            return self.trainer.log_every_n_steps
+        except RuntimeError:  # "... is not attached to a `Trainer`"
+            return 1
 
     def configure_model(self) -> None:
         """Under Lightning's ``FSDPStrategy``, shards by :data:`FSDP_UNITS` (see :func:`configure_fsdp`)."""
