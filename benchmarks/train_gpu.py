@@ -71,6 +71,11 @@ class Variant:
     batch_scale: int = 1  # batch = --batch x batch_scale
 
 
+def inductor_4x(name: str, **settings: object) -> Variant:
+    """``compile_fused_4x`` with ``torch._inductor.config`` ``settings``."""
+    return Variant(name, compile=True, fused_adamw=True, batch_scale=4, inductor=tuple(settings.items()))
+
+
 VARIANTS = {
     v.name: v
     for v in (
@@ -98,31 +103,13 @@ VARIANTS = {
         # the Triton kernels' launch configurations (block sizes, warps) benchmarked per kernel instead of
         # inductor's heuristics: the elementwise kernels of the B=128 profile ran at about half the HBM
         # bandwidth their bytes allow
-        Variant(
-            "compile_fused_4x_tuned",
-            compile=True,
-            fused_adamw=True,
-            batch_scale=4,
-            inductor=(("coordinate_descent_tuning", True), ("max_autotune_pointwise", True)),
-        ),
+        inductor_4x("compile_fused_4x_tuned", coordinate_descent_tuning=True, max_autotune_pointwise=True),
         # independent kernels of one graph (e.g. the same op on the global and the local crops) launched as
         # one ("combo kernels", horizontal fusion)
-        Variant(
-            "compile_fused_4x_combo",
-            compile=True,
-            fused_adamw=True,
-            batch_scale=4,
-            inductor=(("combo_kernels", True),),
-        ),
+        inductor_4x("compile_fused_4x_combo", combo_kernels=True),
         # max-autotune of the matmuls: Triton templates, with bias / GELU / casts fused into their epilogues
         # where they beat cuBLAS (longest compilation)
-        Variant(
-            "compile_fused_4x_autotune",
-            compile=True,
-            fused_adamw=True,
-            batch_scale=4,
-            inductor=(("max_autotune", True),),
-        ),
+        inductor_4x("compile_fused_4x_autotune", max_autotune=True),
     )
 }
 
