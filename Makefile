@@ -10,8 +10,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install --retries 10 --upgrade pip
+	# the CUDA wheels are large: resume an interrupted download instead of failing the install
+	$(BIN)/python -m pip install --retries 10 --resume-retries 20 -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
