@@ -23,26 +23,33 @@ masks, DataLoader workers) and reports losses and step times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 import torch._inductor.config
-from torch import Tensor
+from lightning.pytorch.strategies.strategy import _ForwardRedirection
+from torch import Tensor, nn
 from torch.autograd import DeviceType
+from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from geodino.data import RasterCorpus, make_scene
 from geodino.train import DINOv3Module, ExportTeacher, MaskingGenerator, PretrainDataModule
 from geodino.train.augment import masked_patch_index
-from geodino.train.base import clip_grad_norm
+from geodino.train.base import FSDP_BF16, FSDP_UNITS, clip_grad_norm
 from geodino.train.masking import sample_batch_masks
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -66,14 +73,27 @@ class Variant:
     activation_checkpointing: bool | str = False  # True: full, "selective": matmul and attention outputs kept
     fused_adamw: bool = False
     fp8: bool = False  # float8 matmuls in the blocks (torchao)
+    # FSDP units with bf16 parameters, as Lightning's FSDPStrategy under bf16-mixed (official precision);
+    # on one GPU nothing is sharded, but the networks compute in bf16, the residual stream included
+    fsdp: bool = False
+    # the only scaled-dot-product attention backend allowed (a torch.nn.attention.SDPBackend name); None:
+    # PyTorch's choice (cuDNN on the H200 in session 6)
+    sdpa: str | None = None
     # torch._inductor.config settings patched while the variant compiles and runs
     inductor: tuple[tuple[str, object], ...] = ()
     batch_scale: int = 1  # batch = --batch x batch_scale
 
 
-def inductor_4x(name: str, **settings: object) -> Variant:
-    """``compile_fused_4x`` with ``torch._inductor.config`` ``settings``."""
-    return Variant(name, compile=True, fused_adamw=True, batch_scale=4, inductor=tuple(settings.items()))
+def inductor_4x(name: str, fsdp: bool = False, **settings: object) -> Variant:
+    """``compile_fused_4x`` (``_fsdp`` with ``fsdp``) with ``torch._inductor.config`` ``settings``."""
+    return Variant(
+        name, compile=True, fused_adamw=True, fsdp=fsdp, batch_scale=4, inductor=tuple(settings.items())
+    )
+
+
+def fsdp_4x(name: str, **fields: object) -> Variant:
+    """``compile_fused_4x_fsdp`` with other ``fields``."""
+    return Variant(name, **{"compile": True, "fused_adamw": True, "fsdp": True, "batch_scale": 4, **fields})
 
 
 VARIANTS = {
@@ -110,6 +130,15 @@ VARIANTS = {
         # max-autotune of the matmuls: Triton templates, with bias / GELU / casts fused into their epilogues
         # where they beat cuBLAS (longest compilation)
         inductor_4x("compile_fused_4x_autotune", max_autotune=True),
+        # bf16 parameters (FSDP mixed precision) instead of float32 parameters under autocast: LayerNorm,
+        # LayerScale, residual adds and drop-path gathers move half the bytes
+        fsdp_4x("compile_fused_4x_fsdp"),
+        fsdp_4x("compile_fused_6x_fsdp", batch_scale=6),
+        fsdp_4x("compile_fused_4x_fsdp_tuned", inductor=(("coordinate_descent_tuning", True),)),
+        # attention measured ~95 TFLOP/s (cuDNN, 56 ms of a B=128 step): 261- and 54-token sequences fill
+        # few 128-row tiles; the other fused backends on the same shapes
+        fsdp_4x("compile_fused_4x_fsdp_flash", sdpa="FLASH_ATTENTION"),
+        fsdp_4x("compile_fused_4x_fsdp_efficient", sdpa="EFFICIENT_ATTENTION"),
     )
 }
 
@@ -160,20 +189,59 @@ def build(args: argparse.Namespace, device: torch.device, variant: Variant) -> D
         )
 
 
-def make_step(module: DINOv3Module, batch: dict, device: torch.device, fused: bool) -> Callable[[], Tensor]:
+def fsdp_wrap(module: DINOv3Module, device: torch.device) -> nn.Module:
+    """``module`` in FSDP units with bf16 parameters, as Lightning's ``FSDPStrategy`` wraps it under
+    ``bf16-mixed`` (:func:`geodino.train.base.configure_fsdp`), in a process group of one: nothing is
+    sharded (``NO_SHARD``, what FSDP runs at world size 1), so the difference to the other variants is the
+    precision. Keeps the original parameters (``use_orig_params``, as Lightning) for the optimizer, the
+    clipping and the EMA update."""
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, rank=0, world_size=1)
+    return FullyShardedDataParallel(
+        module,
+        auto_wrap_policy=ModuleWrapPolicy(FSDP_UNITS),
+        mixed_precision=FSDP_BF16,
+        sharding_strategy=ShardingStrategy.NO_SHARD,
+        use_orig_params=True,
+        device_id=torch.device(device.type, torch.cuda.current_device()) if device.type == "cuda" else device,
+    )
+
+
+def make_step(
+    module: DINOv3Module,
+    batch: dict,
+    device: torch.device,
+    variant: Variant,
+    wrapped: nn.Module | None = None,
+) -> Callable[[], Tensor]:
     """One official iteration as a function returning the loss (no host sync): forward, backward,
-    per-submodule clipping, AdamW, EMA."""
+    per-submodule clipping, AdamW (fused with ``variant.fused_adamw``), EMA, with ``variant.sdpa``'s
+    attention backend. With ``wrapped`` (the FSDP root around ``module``) the losses are computed through
+    the root's forward, as Lightning calls ``training_step``."""
+    if wrapped is None:
+        forward = partial(module.compute_losses, batch, step=0)
+    else:
+        forward = partial(_ForwardRedirection(), wrapped, module, "compute_losses", batch, step=0)
     groups = module.configure_optimizers().param_groups
     for group in groups:
         group["lr"] = 1e-4 * group["lr_multiplier"]
         group["weight_decay"] = 0.04 * group["wd_multiplier"]
-    optimizer = torch.optim.AdamW(groups, betas=tuple(module.hparams.betas), fused=fused or None)
+    optimizer = torch.optim.AdamW(
+        groups, betas=tuple(module.hparams.betas), fused=variant.fused_adamw or None
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    def attention() -> contextlib.AbstractContextManager:
+        return sdpa_kernel(getattr(SDPBackend, variant.sdpa)) if variant.sdpa else contextlib.nullcontext()
+
     def step() -> Tensor:
-        with autocast:
-            loss = module.compute_losses(batch, step=0)["loss"]
-        loss.backward()
+        with attention():
+            with autocast:
+                loss = forward()["loss"]
+            loss.backward()
         for sub in module.student.values():
             clip_grad_norm(sub.parameters(), 30.0)
         optimizer.step()
@@ -187,7 +255,7 @@ def make_step(module: DINOv3Module, batch: dict, device: torch.device, fused: bo
 def flops_per_image(args: argparse.Namespace, device: torch.device) -> float:
     """Model FLOPs of one training iteration per image: one counted eager step at ``--batch``."""
     module = build(args, device, VARIANTS["eager"])
-    step = make_step(module, random_batch(args.batch, args, device), device, fused=False)
+    step = make_step(module, random_batch(args.batch, args, device), device, VARIANTS["eager"])
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops() / args.batch
@@ -203,7 +271,8 @@ def measure(variant: Variant, batch_size: int, args: argparse.Namespace, device:
     """First step (with compilation), warm-up, then the timed steps of a fresh module."""
     torch.manual_seed(0)
     module = build(args, device, variant)
-    step = make_step(module, random_batch(batch_size, args, device), device, variant.fused_adamw)
+    wrapped = fsdp_wrap(module, device) if variant.fsdp else None
+    step = make_step(module, random_batch(batch_size, args, device), device, variant, wrapped)
     start = time.perf_counter()
     step()
     sync(device)
@@ -287,17 +356,24 @@ def time_variant(name: str, args: argparse.Namespace, device: torch.device, per_
     result = {**asdict(variant), "inductor": dict(variant.inductor), "batch_per_gpu": batch_size}
     del result["name"]
     torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     try:
         with torch._inductor.config.patch(dict(variant.inductor)):
             result |= measure(variant, batch_size, args, device)
+        # a recompiling block (new guards every step) would show here as more graphs than signatures
+        result["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs
+        result["graph_breaks"] = sum(counters["graph_break"].values()) - breaks
     except torch.OutOfMemoryError as err:
         result["error"] = f"out of memory: {str(err).splitlines()[0]}"
     except (ImportError, RuntimeError) as err:
-        if not variant.fp8:
+        if not (variant.fp8 or variant.sdpa):
             raise
         lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        # no torchao, no fp8 tensor cores, or a failure in the compiled fp8 code (its last line says which)
-        result["error"] = f"fp8 unavailable: {lines[0]} ... {lines[-1]}"
+        # no torchao, no fp8 tensor cores, a failure in the compiled fp8 code (its last line says which), or
+        # an attention backend without a kernel for these shapes or this device
+        what = "fp8" if variant.fp8 else f"attention backend {variant.sdpa}"
+        result["error"] = f"{what} unavailable: {lines[0]} ... {lines[-1]}"
     release(device)
     if "error" in result:
         return result
@@ -464,6 +540,8 @@ def main() -> None:
             results["variants"][name] = time_variant(name, args, device, per_image)
             print(name, json.dumps(results["variants"][name]), flush=True)
             out_file.write_text(json.dumps(results, indent=1))
+    if torch.distributed.is_initialized():  # the FSDP variants' process group of one; Lightning makes its own
+        torch.distributed.destroy_process_group()
     results["variants_wall_s"] = time.perf_counter() - start
     if not args.skip_lightning:
 

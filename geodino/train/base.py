@@ -48,7 +48,7 @@ from geodino.train.heads import DINOHead
 from geodino.train.losses import sinkhorn_knopp
 from geodino.train.schedules import Schedule
 
-__all__ = ["FSDP_UNITS", "N_GLOBAL_CROPS", "SSLModule"]
+__all__ = ["FSDP_BF16", "FSDP_UNITS", "N_GLOBAL_CROPS", "SSLModule"]
 
 #: Global crops per image (fixed in the official ``SSLMetaArch``).
 N_GLOBAL_CROPS = 2
@@ -61,6 +61,11 @@ LOSS_BUFFER_PREFIXES = ("dino_loss.", "ibot_patch_loss.")
 #: networks are then split into identical units, so their local shards line up element for element and the
 #: EMA update runs on the shards without gathering anything.
 FSDP_UNITS = (SelfAttentionBlock, DinoVisionTransformer, DINOHead)
+
+#: FSDP's precision under ``bf16-mixed`` (official: bf16 parameters, fp32 gradient reduction). The networks
+#: then compute in bf16 throughout, the residual stream included; buffers (RoPE periods, key-bias mask)
+#: keep their dtype. (Without FSDP, autocast keeps float32 parameters and the residual stream in float32.)
+FSDP_BF16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 #: FSDP sharding strategies supported: each parameter lives on exactly one rank (or on all of them).
 _FSDP_SHARDINGS = (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP, ShardingStrategy.NO_SHARD)
@@ -432,7 +437,7 @@ def configure_fsdp(module: L.LightningModule) -> None:
         )
     strategy.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(FSDP_UNITS))
     if strategy.mixed_precision is None and strategy.precision_plugin.precision == "bf16-mixed":
-        strategy.mixed_precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        strategy.mixed_precision = FSDP_BF16
 
 
 def unwrapped_name(name: str) -> str:
