@@ -21,6 +21,10 @@
    Lightning checkpoint every 2, then a fresh process pair resumes from the step-2 checkpoint: steps 3-4
    give the uninterrupted losses exactly on both ranks, for pretraining with Gram anchoring (refreshed at
    step 3, after the resume point) and for distillation (whose checkpoints leave the frozen teacher out).
+5. FSDP precision (slow): one CPU process under FSDP with ``bf16-mixed``, the official precision. The blocks
+   compute with bf16 parameters on a bf16 residual stream, while the optimizer keeps float32 parameters
+   and gradients, the buffers (RoPE periods) stay float32 and the teacher export is float32; the step-0
+   loss terms match a float32 step.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from torch.utils.data import DataLoader
 
 from geodino.data import make_scene
 from geodino.train.augment import masked_patch_index
+from geodino.train.base import fsdp_inner
 from geodino.train.distill import DistillationModule
 from geodino.train.masking import MaskingGenerator, sample_batch_masks
 from geodino.train.module import DINOv3Module
@@ -697,10 +702,92 @@ def test_fsdp_stage_continues_a_single_process_run(tmp_path: Path) -> None:
             torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=f"{names[pid]}: {key}")
 
 
+class RecordBlockDtypes(L.Callback):
+    """Per training step: the dtype of the first student block's qkv weight and input inside its forward,
+    the dtypes of the student's stored parameters, gradients and floating-point buffers before the
+    optimizer step, and the step's loss terms."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.seen: dict[str, str] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        def record(block: torch.nn.Module, args: tuple) -> None:
+            inputs = args[0] if isinstance(args[0], list) else [args[0]]
+            self.seen["qkv_weight"] = str(block.attn.qkv.weight.dtype)
+            self.seen["residual_stream"] = ",".join(sorted({str(x.dtype) for x in inputs}))
+
+        # on the block inside its FSDP unit: the unit's own pre-hook has not gathered the bf16 copy yet
+        fsdp_inner(pl_module.student["backbone"].blocks[0]).register_forward_pre_hook(record)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        params = list(pl_module.student.parameters())
+        self.seen["stored"] = ",".join(sorted({str(p.dtype) for p in params}))
+        self.seen["grads"] = ",".join(sorted({str(p.grad.dtype) for p in params if p.grad is not None}))
+        buffers = [b for b in pl_module.student.buffers() if b.is_floating_point()]
+        self.seen["buffers"] = ",".join(sorted({str(b.dtype) for b in buffers}))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, *args) -> None:
+        terms = {k: float(v) for k, v in outputs.items()}
+        self.steps.append({**self.seen, "terms": terms})
+
+
+def precision_fit(folder: Path) -> None:
+    """One CPU process under FSDP with ``bf16-mixed``: 2 steps of :func:`tiny_module` (no Gram teacher),
+    recorded by :class:`RecordBlockDtypes` into ``<folder>/bf16.json``, then the teacher export; and the
+    first step of the same module and batch in float32 without a trainer (``float32.json``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = [random_batch(seed) for seed in range(2)]
+    torch.manual_seed(0)
+    reference = tiny_module(gram=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a trainer
+        terms = reference.training_step(batches[0], 0)
+    (folder / "float32.json").write_text(json.dumps({k: float(v) for k, v in terms.items()}))
+    torch.manual_seed(0)
+    module = tiny_module(gram=False)
+    record = RecordBlockDtypes()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=CPUFSDPStrategy(),
+        precision="bf16-mixed",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    (folder / "bf16.json").write_text(json.dumps(record.steps))
+    module.export_teacher(folder / "teacher.pth")
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_computes_in_bf16_with_float32_master_weights(tmp_path: Path) -> None:
+    run_script("precision", "bf16", tmp_path)
+    steps = json.loads((tmp_path / "bf16.json").read_text())
+    assert len(steps) == 2
+    for step in steps:
+        assert step["qkv_weight"] == "torch.bfloat16"
+        assert step["residual_stream"] == "torch.bfloat16"
+        assert step["stored"] == step["grads"] == "torch.float32"
+        assert step["buffers"] == "torch.float32"  # RoPE periods (Lightning's own FSDP setting casts them)
+        assert all(math.isfinite(v) for v in step["terms"].values())
+    # at initialisation the global CLS tokens of different images differ by less than bf16 resolves, so
+    # KoLeo (-log of nearest-neighbour distances) is not comparable; the prototype losses are
+    reference = json.loads((tmp_path / "float32.json").read_text())
+    for name in ("dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss"):
+        assert steps[0]["terms"][name] == pytest.approx(reference[name], rel=2e-3), name
+    teacher = torch.load(tmp_path / "teacher.pth", weights_only=True)["teacher"]
+    assert {v.dtype for v in teacher.values() if v.is_floating_point()} == {torch.float32}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the 2-process CPU runs of this file's slow tests")
-    parser.add_argument("run", choices=["compare", "resume", "continue"])
-    parser.add_argument("mode", help="compare: ddp or fsdp; resume: pretrain or distill")
+    parser.add_argument("run", choices=["compare", "resume", "continue", "precision"])
+    parser.add_argument("mode", help="compare: ddp or fsdp; resume: pretrain or distill; precision: bf16")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--teacher", type=Path, help="resume distill: the tiny teacher file")
     parser.add_argument("--ckpt", type=Path, help="resume, continue: the checkpoint to start from")
@@ -709,5 +796,7 @@ if __name__ == "__main__":
         distributed_fit(args.mode, args.folder)
     elif args.run == "continue":
         continue_fit(args.folder, args.ckpt)
+    elif args.run == "precision":
+        precision_fit(args.folder)
     else:
         resume_fit(args.mode, args.folder, args.teacher, args.ckpt)
