@@ -79,6 +79,9 @@ class Variant:
     # the only scaled-dot-product attention backend allowed (a torch.nn.attention.SDPBackend name); None:
     # PyTorch's choice (cuDNN on the H200 in session 6)
     sdpa: str | None = None
+    # RoPE periods and rotation in bf16, as the official training builds (the hub presets: float32); with
+    # float32 tables the compiled rotation writes float32 copies of q and k besides the bf16 ones
+    rope_bf16: bool = False
     # torch._inductor.config settings patched while the variant compiles and runs
     inductor: tuple[tuple[str, object], ...] = ()
     batch_scale: int = 1  # batch = --batch x batch_scale
@@ -92,7 +95,8 @@ def inductor_4x(name: str, fsdp: bool = False, **settings: object) -> Variant:
 
 
 def fsdp_4x(name: str, **fields: object) -> Variant:
-    """``compile_fused_4x_fsdp`` with other ``fields``."""
+    """``compile_fused_4x_fsdp`` with other ``fields`` (``..._rope16``: ``rope_bf16``, the official
+    training precision)."""
     return Variant(name, **{"compile": True, "fused_adamw": True, "fsdp": True, "batch_scale": 4, **fields})
 
 
@@ -133,12 +137,17 @@ VARIANTS = {
         # bf16 parameters (FSDP mixed precision) instead of float32 parameters under autocast: LayerNorm,
         # LayerScale, residual adds and drop-path gathers move half the bytes
         fsdp_4x("compile_fused_4x_fsdp"),
-        fsdp_4x("compile_fused_6x_fsdp", batch_scale=6),
-        fsdp_4x("compile_fused_4x_fsdp_tuned", inductor=(("coordinate_descent_tuning", True),)),
+        fsdp_4x("compile_fused_4x_fsdp_rope16", rope_bf16=True),
+        fsdp_4x("compile_fused_6x_fsdp_rope16", rope_bf16=True, batch_scale=6),
+        fsdp_4x(
+            "compile_fused_4x_fsdp_rope16_tuned",
+            rope_bf16=True,
+            inductor=(("coordinate_descent_tuning", True),),
+        ),
         # attention measured ~95 TFLOP/s (cuDNN, 56 ms of a B=128 step): 261- and 54-token sequences fill
         # few 128-row tiles; the other fused backends on the same shapes
-        fsdp_4x("compile_fused_4x_fsdp_flash", sdpa="FLASH_ATTENTION"),
-        fsdp_4x("compile_fused_4x_fsdp_efficient", sdpa="EFFICIENT_ATTENTION"),
+        fsdp_4x("compile_fused_4x_fsdp_rope16_flash", rope_bf16=True, sdpa="FLASH_ATTENTION"),
+        fsdp_4x("compile_fused_4x_fsdp_rope16_efficient", rope_bf16=True, sdpa="EFFICIENT_ATTENTION"),
     )
 }
 
@@ -170,7 +179,9 @@ def random_batch(b: int, args: argparse.Namespace, device: torch.device) -> dict
 
 def build(args: argparse.Namespace, device: torch.device, variant: Variant) -> DINOv3Module:
     """The benchmarked module, created on ``device`` (fast initialisation of the large networks on GPU)."""
-    tiny = {"depth": 2, "embed_dim": 64, "num_heads": 2} if args.tiny else {}
+    overrides = {"depth": 2, "embed_dim": 64, "num_heads": 2} if args.tiny else {}
+    if variant.rope_bf16:
+        overrides["pos_embed_rope_dtype"] = "bf16"
     heads = {
         f"{head}_head_{key}": value
         for head in ("dino", "ibot")
@@ -179,7 +190,7 @@ def build(args: argparse.Namespace, device: torch.device, variant: Variant) -> D
     with device:
         return DINOv3Module(
             args.backbone,
-            backbone_overrides=tiny,
+            backbone_overrides=overrides,
             **heads,
             lr={"peak": 1e-4},
             freeze_last_layer=0,
