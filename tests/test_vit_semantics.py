@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from geodino.models import build_dinov3
 from geodino.models.block import SelfAttentionBlock
 from geodino.models.ffn import SwiGLUFFN
 from geodino.models.patch_embed import PatchEmbed
-from geodino.models.rope import RopePositionEmbedding, rotate_half
+from geodino.models.rope import ROPE_DTYPES, RopePositionEmbedding, apply_rope
 
 TINY = {"embed_dim": 64, "depth": 2, "num_heads": 4, "layerscale_init": 1e-5, "n_storage_tokens": 2}
 
@@ -76,9 +76,36 @@ def test_rope_augmentations_only_in_training():
     assert not torch.allclose(train_a[0], train_b[0])
 
 
-def test_rotate_half_is_the_half_split_convention():
-    x = torch.arange(4.0)
-    torch.testing.assert_close(rotate_half(x), torch.tensor([-2.0, -3.0, 0.0, 1.0]))
+def official_apply_rope(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """``dinov3/layers/attention.py``: cast to the RoPE dtype, rotate the patch tokens with the half-split
+    ``rotate_half``, concatenate the prefix tokens back, cast back."""
+
+    def rotate_half(t: Tensor) -> Tensor:
+        a, b = t.chunk(2, dim=-1)
+        return torch.cat((-b, a), dim=-1)
+
+    n_prefix = x.shape[-2] - sin.shape[-2]
+    y = x.to(sin.dtype)
+    prefix, patches = y[..., :n_prefix, :], y[..., n_prefix:, :]
+    return torch.cat((prefix, patches * cos + rotate_half(patches) * sin), dim=-2).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "rope_dtype"),
+    [(torch.float32, "fp32"), (torch.bfloat16, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")],
+)
+def test_apply_rope_is_the_official_rotation_bit_for_bit(x_dtype: torch.dtype, rope_dtype: str) -> None:
+    rope = RopePositionEmbedding(64, num_heads=4, dtype=ROPE_DTYPES[rope_dtype], rescale_coords=2.0).train()
+    sin, cos = rope(H=5, W=3)
+    x = (10 * torch.randn(2, 4, 5 + 15, 16)).to(x_dtype)  # 5 prefix tokens, 15 patches
+    got = apply_rope(x, sin, cos)
+    assert got.dtype == x_dtype
+    assert torch.equal(got, official_apply_rope(x, sin, cos))
+    assert torch.equal(got[..., :5, :], x[..., :5, :])  # prefix tokens unchanged
+    # the half-split convention: at a quarter turn, [0, 1, 2, 3] -> rotate_half = [-2, -3, 0, 1]
+    quarter = torch.full((1, 4), math.pi / 2)
+    turned = apply_rope(torch.arange(4.0).reshape(1, 1, 1, 4), quarter.sin(), quarter.cos())
+    torch.testing.assert_close(turned.flatten(), torch.tensor([-2.0, -3.0, 0.0, 1.0]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
