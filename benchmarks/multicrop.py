@@ -38,6 +38,7 @@ from geodino.models.presets import SAT_MEAN, SAT_STD
 from geodino.train.augment import MultiCropAugmentation
 
 CHIP = 512
+OFFICIAL = "official DINOv3 (torchvision v1, PIL uint8)"
 
 
 def read_chips(n: int) -> list[np.ndarray]:
@@ -81,6 +82,7 @@ def official_pipeline() -> Callable[[Image.Image], list[torch.Tensor]]:
 
 
 def images_per_s(run: Callable[[object], object], inputs: list) -> float:
+    """Images per second of ``run`` over ``inputs`` (one multi-crop per input)."""
     start = time.perf_counter()
     for item in inputs:
         run(item)
@@ -100,15 +102,14 @@ def main() -> None:
     images = [Image.fromarray(np.round(c.transpose(1, 2, 0) * 255).astype(np.uint8)) for c in chips]
     geodino = MultiCropAugmentation(SAT_MEAN, SAT_STD)
     official = official_pipeline()
-    runs = {"geodino MultiCropAugmentation (float tensors)": (geodino, tensors)}
-    runs["official DINOv3 (torchvision v1, PIL uint8)"] = (official, images)
+    runs = {"geodino MultiCropAugmentation (float tensors)": (geodino, tensors), OFFICIAL: (official, images)}
     for run, inputs in runs.values():  # warm-up
         images_per_s(run, inputs[:2])
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, (run, inputs) in runs.items():
             rates[name].append(images_per_s(run, inputs))
-    baseline = statistics.median(rates["official DINOv3 (torchvision v1, PIL uint8)"])
+    baseline = statistics.median(rates[OFFICIAL])
     rows = []
     for name, values in rates.items():
         median = statistics.median(values)

@@ -87,17 +87,10 @@ class Variant:
     batch_scale: int = 1  # batch = --batch x batch_scale
 
 
-def inductor_4x(name: str, fsdp: bool = False, **settings: object) -> Variant:
-    """``compile_fused_4x`` (``_fsdp`` with ``fsdp``) with ``torch._inductor.config`` ``settings``."""
-    return Variant(
-        name, compile=True, fused_adamw=True, fsdp=fsdp, batch_scale=4, inductor=tuple(settings.items())
-    )
-
-
-def fsdp_4x(name: str, **fields: object) -> Variant:
-    """``compile_fused_4x_fsdp`` with other ``fields`` (``..._rope16``: ``rope_bf16``, the official
-    training precision)."""
-    return Variant(name, **{"compile": True, "fused_adamw": True, "fsdp": True, "batch_scale": 4, **fields})
+def fused_4x(name: str, inductor: dict[str, object] | None = None, **fields: object) -> Variant:
+    """``compile_fused_4x`` with other ``fields`` and ``torch._inductor.config`` settings ``inductor``."""
+    base = {"compile": True, "fused_adamw": True, "batch_scale": 4}
+    return Variant(name, inductor=tuple((inductor or {}).items()), **{**base, **fields})
 
 
 VARIANTS = {
@@ -127,27 +120,34 @@ VARIANTS = {
         # the Triton kernels' launch configurations (block sizes, warps) benchmarked per kernel instead of
         # inductor's heuristics: the elementwise kernels of the B=128 profile ran at about half the HBM
         # bandwidth their bytes allow
-        inductor_4x("compile_fused_4x_tuned", coordinate_descent_tuning=True, max_autotune_pointwise=True),
+        fused_4x(
+            "compile_fused_4x_tuned",
+            inductor={"coordinate_descent_tuning": True, "max_autotune_pointwise": True},
+        ),
         # independent kernels of one graph (e.g. the same op on the global and the local crops) launched as
         # one ("combo kernels", horizontal fusion)
-        inductor_4x("compile_fused_4x_combo", combo_kernels=True),
+        fused_4x("compile_fused_4x_combo", inductor={"combo_kernels": True}),
         # max-autotune of the matmuls: Triton templates, with bias / GELU / casts fused into their epilogues
         # where they beat cuBLAS (longest compilation)
-        inductor_4x("compile_fused_4x_autotune", max_autotune=True),
+        fused_4x("compile_fused_4x_autotune", inductor={"max_autotune": True}),
         # bf16 parameters (FSDP mixed precision) instead of float32 parameters under autocast: LayerNorm,
         # LayerScale, residual adds and drop-path gathers move half the bytes
-        fsdp_4x("compile_fused_4x_fsdp"),
-        fsdp_4x("compile_fused_4x_fsdp_rope16", rope_bf16=True),
-        fsdp_4x("compile_fused_6x_fsdp_rope16", rope_bf16=True, batch_scale=6),
-        fsdp_4x(
+        fused_4x("compile_fused_4x_fsdp", fsdp=True),
+        # ... and RoPE in bf16 as well: the official training precision
+        fused_4x("compile_fused_4x_fsdp_rope16", fsdp=True, rope_bf16=True),
+        fused_4x("compile_fused_6x_fsdp_rope16", fsdp=True, rope_bf16=True, batch_scale=6),
+        fused_4x(
             "compile_fused_4x_fsdp_rope16_tuned",
+            inductor={"coordinate_descent_tuning": True},
+            fsdp=True,
             rope_bf16=True,
-            inductor=(("coordinate_descent_tuning", True),),
         ),
         # attention measured ~95 TFLOP/s (cuDNN, 56 ms of a B=128 step): 261- and 54-token sequences fill
         # few 128-row tiles; the other fused backends on the same shapes
-        fsdp_4x("compile_fused_4x_fsdp_rope16_flash", rope_bf16=True, sdpa="FLASH_ATTENTION"),
-        fsdp_4x("compile_fused_4x_fsdp_rope16_efficient", rope_bf16=True, sdpa="EFFICIENT_ATTENTION"),
+        fused_4x("compile_fused_4x_fsdp_rope16_flash", fsdp=True, rope_bf16=True, sdpa="FLASH_ATTENTION"),
+        fused_4x(
+            "compile_fused_4x_fsdp_rope16_efficient", fsdp=True, rope_bf16=True, sdpa="EFFICIENT_ATTENTION"
+        ),
     )
 }
 

@@ -126,22 +126,18 @@ def apply_rope(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
     """Rotate the last ``sin.shape[-2]`` tokens of ``x`` [B, heads, N, D]; leading (prefix) tokens are kept.
 
     The official rotation ``x·cos + rotate_half(x)·sin`` with ``rotate_half([a, b]) = [-b, a]`` (halves of
-    the head vector), in the same arithmetic: ``(-b)·s`` and ``b·(-s)`` are the same number. It is written
-    as one elementwise expression over all N tokens, ``x·cos' + swap_halves(x)·sin'``, with tables padded
-    with cos 1 and sin 0 for the prefix tokens (which leaves them unchanged) and the sign of ``rotate_half``
-    moved into sin'. The official form concatenates the halves and then the prefix with the rotated
-    tokens; compiled, each concatenation was a buffer written in the RoPE dtype, a float32 [B, heads, N, D]
-    buffer per concatenation and per q / k with float32 tables, beside the result. As in the official
-    code the tokens are cast to the dtype of ``sin`` / ``cos`` and the result back to ``x``'s dtype.
+    the head vector), written as one elementwise expression over all N tokens: ``x·cos' + [b, a]·sin'``,
+    the sign of ``rotate_half`` moved into ``sin'`` (``(-b)·s`` and ``b·(-s)`` are the same number) and the
+    tables padded with cos 1, sin 0 for the prefix tokens, which leaves them unchanged. The result is the
+    official one bit for bit, without its two concatenations (each a buffer in compiled CPU code). As in
+    the official code the tokens are cast to the dtype of ``sin`` / ``cos`` and the result back.
     """
     n_prefix = x.shape[-2] - sin.shape[-2]
     if n_prefix < 0:
         raise ValueError(f"RoPE table covers {sin.shape[-2]} tokens but the sequence has {x.shape[-2]}")
     half = x.shape[-1] // 2
-    sign = torch.ones(x.shape[-1], device=sin.device, dtype=sin.dtype)
-    sign[:half] = -1
     cos = torch.nn.functional.pad(cos, (0, 0, n_prefix, 0), value=1.0)  # [N, D]
-    sin = torch.nn.functional.pad(sin * sign, (0, 0, n_prefix, 0))  # [N, D]
+    sin = torch.nn.functional.pad(torch.cat((-sin[:, :half], sin[:, half:]), -1), (0, 0, n_prefix, 0))
     y = x.to(sin.dtype)
     swapped = y.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # [a, b] -> [b, a]
     return (y * cos + swapped * sin).to(x.dtype)
