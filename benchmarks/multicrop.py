@@ -10,11 +10,18 @@ works on float tensors in [0, 1] of any band count (and adds 90 degree rotations
 works on 8-bit RGB PIL images. The chips come from a generated scene (``make_scene``). One thread; the
 pipelines alternate over ``--repeats`` rounds and the table gives the median images/s per core.
 
-    python benchmarks/multicrop.py              # ~2 min
+    python benchmarks/multicrop.py              # ~3 min
     python benchmarks/multicrop.py --markdown   # also writes the section of benchmarks/RESULTS.md
 
 A DataLoader worker runs one such pipeline, so images/s per core x workers bounds what ``geodino fit`` can
-feed a GPU (an H200 trains ViT-L/16 at ~250 images/s, see the GPU section of RESULTS.md).
+feed a GPU (an H200 trains ViT-L/16 at ~250 images/s, see the GPU section of RESULTS.md). With
+``photometric_on="device"`` a worker only cuts and resizes the crops (``defer_photometric=True``) and the
+colour operations run on the whole batch on the GPU; the table also times that batched part on this core
+(batches of ``--chips`` images), which a GPU does at a small fraction of that cost.
+
+A second table times the whole ``PretrainDataModule`` path in one process (``num_workers=0``: chip read
+from a GeoTIFF, scaling, crops, iBOT masks, collate) on random 512 px chips of a generated 4096 px scene:
+what a worker does per image in either mode.
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ from PIL import Image
 from results_md import markdown_table, write_section
 from torchvision import transforms as T
 
-from geodino.data import make_scene
+from geodino.data import RasterCorpus, make_scene
 from geodino.models.presets import SAT_MEAN, SAT_STD
+from geodino.train import PretrainDataModule, collate_multicrop
 from geodino.train.augment import MultiCropAugmentation
+from geodino.train.masking import MaskingGenerator
 
 CHIP = 512
 OFFICIAL = "official DINOv3 (torchvision v1, PIL uint8)"
@@ -89,6 +98,84 @@ def images_per_s(run: Callable[[object], object], inputs: list) -> float:
     return len(inputs) / (time.perf_counter() - start)
 
 
+def batched_colour(tensors: list[torch.Tensor]) -> Callable[[object], object]:
+    """The deferred colour operations of the crops of ``tensors`` as one batch: a run over ``tensors`` times
+    only the batched :class:`~geodino.train.photometric.PhotometricAugmentation` calls, once per round."""
+    aug = MultiCropAugmentation(SAT_MEAN, SAT_STD, defer_photometric=True)
+    batch = collate_multicrop([aug(t) for t in tensors], MaskingGenerator((16, 16)), np.random.default_rng(0))
+    state = {"left": 0}
+
+    def run(_: object) -> None:
+        if state["left"] == 0:  # first image of a round: the whole batch
+            for key, draws in batch["photometric"].items():
+                aug.photometric(batch[f"collated_{key}"], draws)
+            state["left"] = len(tensors)
+        state["left"] -= 1
+
+    return run
+
+
+def rate_table(runs: dict[str, tuple[Callable, list]], repeats: int, baseline: str) -> list[list[str]]:
+    """Rows (name, median images/s with range, ms per image, ratio to ``baseline``), runs alternating."""
+    for run, inputs in runs.values():  # warm-up
+        images_per_s(run, inputs[:2])
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (run, inputs) in runs.items():
+            rates[name].append(images_per_s(run, inputs))
+    reference = statistics.median(rates[baseline])
+    rows = []
+    for name, values in rates.items():
+        median = statistics.median(values)
+        rows.append(
+            [
+                name,
+                f"{median:.1f} ({min(values):.1f}-{max(values):.1f})",
+                f"{1e3 / median:.1f}",
+                f"{median / reference:.2f}x",
+            ]
+        )
+    return rows
+
+
+def datamodule_runs(folder: Path, images: int) -> dict[str, tuple[Callable, list]]:
+    """One pass over ``images`` images of PretrainDataModule batches (16 per batch), per colour mode; in the
+    device mode, what the workers do (the colour operations are the batched part of the first table)."""
+    scene = make_scene(folder / "big.tif", size=4096, seed=4, bands=3)
+    corpus = RasterCorpus.from_paths([scene.path], progress=False)
+    corpus.save(folder / "corpus.parquet")
+    names = {
+        "workers": "PretrainDataModule, colour in the workers",
+        "device": "PretrainDataModule, colour on the device: the workers' part",
+    }
+    runs = {}
+    for mode, name in names.items():
+        dm = PretrainDataModule(
+            str(folder / "corpus.parquet"),
+            preset="dinov3_vitl16.sat493m",
+            batch_size=16,
+            chips_per_epoch=10_000,
+            num_workers=0,
+            photometric_on=mode,
+        )
+        dm.setup("fit")
+        loader = iter(dm.train_dataloader())
+        runs[name] = (_per_batch(lambda _, loader=loader: next(loader), 16), list(range(images)))
+    return runs
+
+
+def _per_batch(run: Callable[[object], None], batch: int) -> Callable[[object], None]:
+    """Calls ``run`` on every ``batch``-th item, so a run over N items makes N / batch batches."""
+    state = {"i": 0}
+
+    def step(item: object) -> None:
+        if state["i"] % batch == 0:
+            run(item)
+        state["i"] += 1
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chips", type=int, default=16, help="chips per round")
@@ -100,29 +187,23 @@ def main() -> None:
     chips = read_chips(args.chips)
     tensors = [torch.from_numpy(c) for c in chips]
     images = [Image.fromarray(np.round(c.transpose(1, 2, 0) * 255).astype(np.uint8)) for c in chips]
-    geodino = MultiCropAugmentation(SAT_MEAN, SAT_STD)
-    official = official_pipeline()
-    runs = {"geodino MultiCropAugmentation (float tensors)": (geodino, tensors), OFFICIAL: (official, images)}
-    for run, inputs in runs.values():  # warm-up
-        images_per_s(run, inputs[:2])
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, (run, inputs) in runs.items():
-            rates[name].append(images_per_s(run, inputs))
-    baseline = statistics.median(rates[OFFICIAL])
-    rows = []
-    for name, values in rates.items():
-        median = statistics.median(values)
-        rows.append(
-            [
-                name,
-                f"{median:.1f} ({min(values):.1f}-{max(values):.1f})",
-                f"{1e3 / median:.0f}",
-                f"{median / baseline:.2f}x",
-            ]
-        )
-    lines = markdown_table(["pipeline", "images/s per core (min-max)", "ms per image", "vs official"], rows)
-    print("\n".join(lines))
+    runs = {
+        "geodino MultiCropAugmentation (float tensors)": (MultiCropAugmentation(SAT_MEAN, SAT_STD), tensors),
+        "geodino, colour on the device: the workers' part": (
+            MultiCropAugmentation(SAT_MEAN, SAT_STD, defer_photometric=True),
+            tensors,
+        ),
+        "geodino, colour on the device: the batched part, on this core": (batched_colour(tensors), tensors),
+        OFFICIAL: (official_pipeline(), images),
+    }
+    header = ["pipeline", "images/s per core (min-max)", "ms per image", "vs official"]
+    lines = markdown_table(header, rate_table(runs, args.repeats, OFFICIAL))
+    with tempfile.TemporaryDirectory() as folder:
+        loader_runs = datamodule_runs(Path(folder), 4 * args.chips)
+        baseline = next(iter(loader_runs))
+        header = ["one process", "images/s per core (min-max)", "ms per image", "vs colour in the workers"]
+        loader_lines = markdown_table(header, rate_table(loader_runs, args.repeats, baseline))
+    print("\n".join([*lines, "", *loader_lines]))
     if args.markdown:
         stamp = time.strftime("%Y-%m-%d %H:%M")
         header = [
@@ -132,7 +213,13 @@ def main() -> None:
             "rounds, 2 x 256 + 8 x 112 px crops per image, one thread.",
             "",
         ]
-        write_section("multicrop", header + lines)
+        data_header = [
+            "",
+            f"Through `PretrainDataModule` in one process ({4 * args.chips} images in batches of 16 per "
+            "round, random 512 px chips of a generated 4096 px GeoTIFF):",
+            "",
+        ]
+        write_section("multicrop", header + lines + data_header + loader_lines)
 
 
 if __name__ == "__main__":

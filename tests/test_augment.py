@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,13 +18,7 @@ MEAN = torch.tensor(SAT_MEAN)[:, None, None]
 STD = torch.tensor(SAT_STD)[:, None, None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One torch thread, as in DataLoader workers (torch sets it there); small ops run faster so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _full_view(size: int, **kwargs) -> MultiCropAugmentation:

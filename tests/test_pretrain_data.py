@@ -7,7 +7,9 @@ the rasters, or the chip store written from it (``geodino chips``) read from zar
    augmentation and masks); epochs differ in order.
 2. Bad chip sets fail with the path and what to give: missing, not a chip table (the corpus file), a table
    of another corpus.
-3. ``geodino fit --data.chips=<store>`` trains through LightningCLI.
+3. ``photometric_on="device"``: the colour operations run on the transferred batch
+   (``on_after_batch_transfer``) and give the workers' batches; a batch that skipped the hook is refused.
+4. ``geodino fit --data.chips=<store> --data.photometric_on=device`` trains through LightningCLI.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import geopandas as gpd
 import pytest
 import torch
 from conftest import shared_path
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from geodino.cli import main
 from geodino.data import CorpusDataset, RandomChipSampler, RasterCorpus, write_chip_store
 from geodino.io import write_geoparquet
+from geodino.train.base import unpack_batch
 from geodino.train.data import MultiCropDataset, PretrainDataModule, SizedRef
 
 RASTERS = ("RGB.byte.tif", "cogeo.tif", "rgbn.tif")
@@ -51,7 +55,7 @@ def chip_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def datamodule(corpus: Path, chips: Path | str) -> PretrainDataModule:
+def datamodule(corpus: Path, chips: Path | str, **kwargs) -> PretrainDataModule:
     dm = PretrainDataModule(
         str(corpus),
         chips=str(chips),
@@ -59,6 +63,7 @@ def datamodule(corpus: Path, chips: Path | str) -> PretrainDataModule:
         batch_size=BATCH,
         num_workers=0,
         **SIZES,
+        **kwargs,
     )
     dm.setup("fit")
     return dm
@@ -91,6 +96,22 @@ def test_chip_table_and_store_give_the_same_epoch_of_every_chip(chip_set: dict[s
     assert from_table.sampler.epoch_refs(1) != order  # a new order every epoch
 
 
+def test_colour_on_the_device_gives_the_workers_batches(chip_set: dict[str, Path]) -> None:
+    workers = epoch_batches(datamodule(chip_set["corpus"], chip_set["table"]), 0)
+    on_device = datamodule(chip_set["corpus"], chip_set["table"], photometric_on="device")
+    for deferred, want in zip(epoch_batches(on_device, 0), workers, strict=True):
+        assert set(deferred) == {*want, "photometric"}
+        with pytest.raises(ValueError, match=r"deferred.*never applied.*datamodule="):
+            unpack_batch(deferred)
+        # Lightning's transfer moves the tensors and leaves the draws (numpy) on the host
+        got = on_device.on_after_batch_transfer(move_data_to_device(deferred, torch.device("cpu")), 0)
+        assert set(got) == set(want)
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=2e-6, msg=key)
+    with pytest.raises(ValueError, match="photometric_on must be 'workers' or 'device', got 'gpu'"):
+        datamodule(chip_set["corpus"], chip_set["table"], photometric_on="gpu")
+
+
 def test_bad_chip_sets_name_the_path_and_the_fix(chip_set: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(
         FileNotFoundError, match=r"missing\.parquet: no such chip table or chip store.*geodino chips"
@@ -109,7 +130,11 @@ def test_bad_chip_sets_name_the_path_and_the_fix(chip_set: dict[str, Path], tmp_
         datamodule(tmp_path / "other.parquet", chip_set["store"])
 
 
-def test_fit_on_a_chip_store_through_the_cli(chip_set: dict[str, Path], tmp_path: Path) -> None:
+def test_fit_on_a_chip_store_with_colour_on_the_device_through_the_cli(
+    chip_set: dict[str, Path], tmp_path: Path
+) -> None:
+    """Also shows that Lightning calls the data module's ``on_after_batch_transfer``: the steps refuse a batch
+    whose colour operations were not applied."""
     args = [
         "fit",
         "--config",
@@ -118,6 +143,7 @@ def test_fit_on_a_chip_store_through_the_cli(chip_set: dict[str, Path], tmp_path
         f"--data.chips={chip_set['store']}",
         f"--data.batch_size={BATCH}",
         "--data.num_workers=0",
+        "--data.photometric_on=device",
         f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.callbacks.init_args.dirpath={tmp_path}/checkpoints",  # the recipe's ModelCheckpoint
         "--trainer.max_steps=2",

@@ -18,6 +18,7 @@ from geodino.train.losses import (
 from geodino.train.masking import MaskingGenerator
 from geodino.train.module import DINOv3Module
 from geodino.train.param_groups import layer_id, param_groups
+from geodino.train.photometric import PhotometricAugmentation, PhotometricDraw
 from geodino.train.probe import DenseKNNProbe
 from geodino.train.schedules import Schedule
 
@@ -34,6 +35,8 @@ __all__ = [
     "KoLeoLoss",
     "MaskingGenerator",
     "MultiCropAugmentation",
+    "PhotometricAugmentation",
+    "PhotometricDraw",
     "PretrainDataModule",
     "SSLModule",
     "Schedule",

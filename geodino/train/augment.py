@@ -46,6 +46,12 @@ the official ones everywhere. Decisions where geodino departs or had to choose:
   ``local_crops_subset_of_global_crops``) are not ported. Mixed resolutions (high-res stage) are one
   augmentation per (global, local) size pair, as the official per-resolution data loaders.
 
+Colour operations: their formulas and random draws are torchvision v2's, applied by
+:class:`~geodino.train.photometric.PhotometricAugmentation` (batched, one draw per crop). With
+``defer_photometric=True`` a call returns the crops in [0, 1] with their draws instead, and the colour
+operations and normalisation run later on a whole batch, on the GPU (``PretrainDataModule(photometric_on=
+"device")``); the crops are the same up to float rounding.
+
 Randomness: ``torchvision.transforms.v2`` draws from the global torch RNG, so this module does too (including
 the 90 degree rotation, for one consistent source). Reproducibility comes from the ``DataLoader``, which seeds
 each worker's torch RNG from its base seed (``torch.utils.data`` sets ``torch.initial_seed()`` per worker); in
@@ -55,7 +61,7 @@ the main process, ``torch.manual_seed`` before a call makes it deterministic. Th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -64,13 +70,11 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from geodino.train.masking import MaskingGenerator, sample_batch_masks
+from geodino.train.photometric import PhotometricAugmentation, PhotometricDraw
 
 __all__ = ["MultiCropAugmentation", "RandomRot90", "collate_multicrop"]
 
 Flips = Literal["dihedral", "horizontal", "none"]
-
-#: The official pipeline solarizes 8-bit images at 128; the same cut on [0, 1] floats.
-SOLARIZE_THRESHOLD = 128 / 255
 
 
 class RandomRot90(nn.Module):
@@ -86,20 +90,6 @@ class RandomRot90(nn.Module):
         return torch.rot90(image, k, dims=(-2, -1))
 
 
-class _OnBands(nn.Module):
-    """Applies ``transform`` to the bands ``bands`` of ``[C, H, W]`` and leaves the other bands unchanged."""
-
-    def __init__(self, transform: Callable[[Tensor], Tensor], bands: Sequence[int]) -> None:
-        super().__init__()
-        self.transform = transform
-        self.bands = list(bands)
-
-    def forward(self, image: Tensor) -> Tensor:
-        out = image.clone()
-        out[self.bands] = self.transform(image[self.bands])
-        return out
-
-
 def _symmetries(flips: Flips) -> list[nn.Module]:
     """Random flips / rotations after a crop: official horizontal flip, or all of D4 for nadir images."""
     if flips == "dihedral":
@@ -109,11 +99,6 @@ def _symmetries(flips: Flips) -> list[nn.Module]:
     if flips == "none":
         return []
     raise ValueError(f"flips must be 'dihedral', 'horizontal' or 'none', got {flips!r}")
-
-
-def _blur(p: float) -> v2.RandomApply:
-    """Gaussian blur (kernel 9, sigma U(0.1, 2.0)) applied with probability ``p`` (not ``1 - p``)."""
-    return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
 
 
 def _clamp_unit(image: Tensor) -> Tensor:
@@ -139,6 +124,8 @@ class MultiCropAugmentation:
         rgb_bands: Positions of the red, green and blue bands for the colour operations, or None to skip
             colour jitter and grayscale. Check the band order of your chips: Sentinel-2 B02, B03, B04 is
             blue, green, red, i.e. ``rgb_bands=(2, 1, 0)``.
+        defer_photometric: Return the global and local crops in [0, 1] with their photometric draws, to be
+            applied to the whole batch later (:attr:`photometric`), instead of finished crops.
 
     Raises:
         ValueError: If ``mean`` and ``std`` differ in length, ``rgb_bands`` is not three distinct valid
@@ -166,6 +153,7 @@ class MultiCropAugmentation:
         flips: Flips = "dihedral",
         blur_probabilities: tuple[float, float, float] = (0.0, 0.9, 0.5),
         rgb_bands: tuple[int, int, int] | None = (0, 1, 2),
+        defer_photometric: bool = False,
     ) -> None:
         if len(mean) != len(std):
             raise ValueError(f"mean and std must have one value per band, got {len(mean)} and {len(std)}")
@@ -205,35 +193,11 @@ class MultiCropAugmentation:
             None if gram_crops_size is None else v2.Resize(gram_crops_size, interpolation=bicubic)
         )
 
-        color_jittering = (
-            []
-            if rgb_bands is None
-            else [
-                _OnBands(
-                    v2.Compose(
-                        [
-                            v2.RandomApply(
-                                [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
-                            ),
-                            v2.RandomGrayscale(p=0.2),
-                        ]
-                    ),
-                    rgb_bands,
-                )
-            ]
-        )
         self.normalize = v2.Normalize(mean=list(mean), std=list(std))
-        blur_global1, blur_global2, blur_local = blur_probabilities
-        self.global_transfo1 = v2.Compose([*color_jittering, _blur(blur_global1), self.normalize])
-        self.global_transfo2 = v2.Compose(
-            [
-                *color_jittering,
-                _blur(blur_global2),
-                v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2),
-                self.normalize,
-            ]
-        )
-        self.local_transfo = v2.Compose([*color_jittering, _blur(blur_local), self.normalize])
+        #: Colour operations and normalisation of the global and local crops.
+        self.photometric = PhotometricAugmentation(mean, std, rgb_bands)
+        self.blur_probabilities = blur_probabilities
+        self.defer_photometric = defer_photometric
 
     def __call__(self, image: Tensor) -> dict[str, list[Tensor]]:
         """Crops one chip.
@@ -244,7 +208,9 @@ class MultiCropAugmentation:
         Returns:
             ``{"global_crops": [2 x [C, G, G]], "local_crops": [N x [C, L, L]]}`` normalised, plus
             ``"gram_crops": [2 x [C, R, R]]`` (same geometry as the global crops, only normalised) when
-            ``gram_crops_size`` is set.
+            ``gram_crops_size`` is set. With ``defer_photometric`` the global and local crops are in [0, 1]
+            and ``"photometric": {"global_crops": [2 draws], "local_crops": [N draws]}`` holds their
+            :class:`~geodino.train.photometric.PhotometricDraw`.
 
         Raises:
             ValueError: If the image is not a floating ``[C, H, W]`` tensor with ``len(mean)`` bands.
@@ -254,15 +220,33 @@ class MultiCropAugmentation:
                 f"expected a float [C, H, W] chip with C = {self.num_bands} bands (the length of mean/std), "
                 f"got {image.dtype} {tuple(image.shape)}"
             )
+        # the draws interleave as in the official pipeline: both global geometries, the global colours,
+        # then geometry and colour of each local crop
         bases = [_clamp_unit(self.geometric_augmentation_global(image)) for _ in range(2)]
         resized = [_clamp_unit(self.resize_global(base)) for base in bases]
-        output = {
-            "global_crops": [self.global_transfo1(resized[0]), self.global_transfo2(resized[1])],
-            "local_crops": [
-                self.local_transfo(_clamp_unit(self.geometric_augmentation_local(image)))
-                for _ in range(self.local_crops_number)
-            ],
+        blur_global1, blur_global2, blur_local = self.blur_probabilities
+        draws = {
+            "global_crops": [
+                self.photometric.draw(blur_global1),
+                self.photometric.draw(blur_global2, solarize=True),
+            ]
         }
+        local_crops = []
+        draws["local_crops"] = []
+        for _ in range(self.local_crops_number):
+            local_crops.append(_clamp_unit(self.geometric_augmentation_local(image)))
+            draws["local_crops"].append(self.photometric.draw(blur_local))
+        output = {"global_crops": resized, "local_crops": local_crops}
+        if self.defer_photometric:
+            output["photometric"] = draws
+        else:
+            output = {
+                key: [
+                    self.photometric(crop[None], draw)[0]
+                    for crop, draw in zip(crops, draws[key], strict=True)
+                ]
+                for key, crops in output.items()
+            }
         if self.resize_gram is not None:
             output["gram_crops"] = [self.normalize(_clamp_unit(self.resize_gram(base))) for base in bases]
         return output
@@ -309,6 +293,8 @@ def collate_multicrop(
         - ``collated_global_crops``: ``[2B, C, G, G]``;
         - ``collated_local_crops``: ``[N*B, C, L, L]``;
         - ``collated_gram_crops``: ``[2B, C, R, R]`` (only when the samples have Gram crops);
+        - ``photometric``: ``{"global_crops": draws [2B], "local_crops": draws [N*B]}``, crop-major, only
+          when the samples' colour operations are deferred (``defer_photometric``);
         - ``collated_masks``: ``bool [2B, P]``;
         - ``mask_indices_list``: ``long [M]`` flat indices of the masked patches in ``collated_masks``;
         - ``masks_weight``: ``float [M]``, ``1 / (masked patches of its image)`` per masked patch, so it sums
@@ -337,4 +323,11 @@ def collate_multicrop(
     }
     if "gram_crops" in samples[0]:
         output["collated_gram_crops"] = crop_major("gram_crops")
+    if "photometric" in samples[0]:
+        output["photometric"] = {
+            key: PhotometricDraw.concat(
+                [s["photometric"][key][i] for i in range(len(draws)) for s in samples]
+            )
+            for key, draws in samples[0]["photometric"].items()
+        }
     return output

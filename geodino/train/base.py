@@ -525,8 +525,15 @@ def unpack_batch(batch: Mapping[str, Tensor]) -> CropBatch:
     GPU waits for the device once.
 
     Raises:
-        ValueError: If the crop counts are not 2·B and a multiple of B.
+        ValueError: If the crop counts are not 2·B and a multiple of B, or the batch still carries deferred
+            colour operations (``photometric``).
     """
+    if "photometric" in batch:
+        raise ValueError(
+            "the batch's colour operations were deferred (PretrainDataModule(photometric_on='device')) but "
+            "never applied: give the Trainer the data module (trainer.fit(module, datamodule=...)), not its "
+            "dataloader, or use photometric_on='workers'"
+        )
     global_crops = batch["collated_global_crops"]
     local_crops = batch["collated_local_crops"]
     n_images = global_crops.shape[0] // N_GLOBAL_CROPS
