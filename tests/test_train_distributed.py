@@ -216,6 +216,8 @@ def assert_sharded(corpus: Path, probe: Path, steps: int, world: int) -> list[di
 
 
 def test_ddp_ranks_train_on_disjoint_shards_of_the_global_sequence(corpus: Path, tmp_path: Path) -> None:
+    """With the colour operations after the transfer (``photometric_on=device``) each rank still trains on
+    the images that the workers' augmentation makes of its chips (the fingerprints are taken with it)."""
     steps, world = 3, 2
     probe = tmp_path / "probe"
     command = fit_command(
@@ -226,6 +228,7 @@ def test_ddp_ranks_train_on_disjoint_shards_of_the_global_sequence(corpus: Path,
         "--trainer.accelerator=cpu",
         f"--trainer.devices={world}",
         "--trainer.strategy=ddp",
+        "--data.photometric_on=device",
     )
     run_fit(command)
     first = assert_sharded(corpus, probe, steps, world)
