@@ -274,6 +274,17 @@ def test_batched_application_never_reads_device_values() -> None:
     assert out.shape == (16, 3, 32, 32) and out.device.type == "meta"
 
 
+def test_same_result_under_autocast() -> None:
+    """A caller's bf16 autocast would run the blur convolution in bf16; the colour operations opt out."""
+    aug = PhotometricAugmentation(SAT_MEAN, SAT_STD, rgb_bands=(0, 1, 2))
+    torch.manual_seed(4)
+    draws = PhotometricDraw.concat([aug.draw(blur_p=0.5, solarize=True) for _ in range(8)])
+    crops = torch.rand(8, 3, 24, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = aug(crops, draws)
+    torch.testing.assert_close(out, aug(crops, draws), rtol=0, atol=0)
+
+
 def test_mismatched_draws_are_refused() -> None:
     aug = PhotometricAugmentation(SAT_MEAN, SAT_STD, rgb_bands=(0, 1, 2))
     with pytest.raises(ValueError, match="2 photometric draws for 3 crops"):

@@ -235,10 +235,18 @@ class PhotometricAugmentation:
             draws: One draw per crop (:meth:`draw`, :meth:`PhotometricDraw.concat`).
 
         Returns:
-            ``[N, C, H, W]`` normalised with ``(x - mean) / std``; ``crops`` is not modified.
+            ``[N, C, H, W]`` normalised with ``(x - mean) / std``, in ``crops``' dtype also under autocast
+            (which would run the blur convolution in bf16); ``crops`` is not modified.
         """
         if len(draws) != len(crops):
             raise ValueError(f"{len(draws)} photometric draws for {len(crops)} crops")
+        device = crops.device.type
+        if not torch.amp.is_autocast_available(device):  # e.g. the meta device
+            return self._apply(crops, draws)
+        with torch.autocast(device, enabled=False):
+            return self._apply(crops, draws)
+
+    def _apply(self, crops: Tensor, draws: PhotometricDraw) -> Tensor:
         images = crops.clone()
         if self.rgb_bands is not None:
             rgb = images[:, self.rgb_bands]
