@@ -225,27 +225,25 @@ class MultiCropAugmentation:
         bases = [_clamp_unit(self.geometric_augmentation_global(image)) for _ in range(2)]
         resized = [_clamp_unit(self.resize_global(base)) for base in bases]
         blur_global1, blur_global2, blur_local = self.blur_probabilities
-        draws = {
-            "global_crops": [
-                self.photometric.draw(blur_global1),
-                self.photometric.draw(blur_global2, solarize=True),
-            ]
-        }
-        local_crops = []
-        draws["local_crops"] = []
+        global_draws = [
+            self.photometric.draw(blur_global1),
+            self.photometric.draw(blur_global2, solarize=True),
+        ]
+        local_crops, local_draws = [], []
         for _ in range(self.local_crops_number):
             local_crops.append(_clamp_unit(self.geometric_augmentation_local(image)))
-            draws["local_crops"].append(self.photometric.draw(blur_local))
-        output = {"global_crops": resized, "local_crops": local_crops}
+            local_draws.append(self.photometric.draw(blur_local))
+        crops = {"global_crops": resized, "local_crops": local_crops}
+        draws = {"global_crops": global_draws, "local_crops": local_draws}
         if self.defer_photometric:
-            output["photometric"] = draws
+            output = {**crops, "photometric": draws}
         else:
             output = {
                 key: [
                     self.photometric(crop[None], draw)[0]
-                    for crop, draw in zip(crops, draws[key], strict=True)
+                    for crop, draw in zip(crops[key], draws[key], strict=True)
                 ]
-                for key, crops in output.items()
+                for key in crops
             }
         if self.resize_gram is not None:
             output["gram_crops"] = [self.normalize(_clamp_unit(self.resize_gram(base))) for base in bases]
