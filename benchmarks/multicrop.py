@@ -98,21 +98,17 @@ def images_per_s(run: Callable[[object], object], inputs: list) -> float:
     return len(inputs) / (time.perf_counter() - start)
 
 
-def batched_colour(tensors: list[torch.Tensor]) -> Callable[[object], object]:
+def batched_colour(tensors: list[torch.Tensor]) -> Callable[[object], None]:
     """The deferred colour operations of the crops of ``tensors`` as one batch: a run over ``tensors`` times
     only the batched :class:`~geodino.train.photometric.PhotometricAugmentation` calls, once per round."""
     aug = MultiCropAugmentation(SAT_MEAN, SAT_STD, defer_photometric=True)
     batch = collate_multicrop([aug(t) for t in tensors], MaskingGenerator((16, 16)), np.random.default_rng(0))
-    state = {"left": 0}
 
     def run(_: object) -> None:
-        if state["left"] == 0:  # first image of a round: the whole batch
-            for key, draws in batch["photometric"].items():
-                aug.photometric(batch[f"collated_{key}"], draws)
-            state["left"] = len(tensors)
-        state["left"] -= 1
+        for key, draws in batch["photometric"].items():
+            aug.photometric(batch[f"collated_{key}"], draws)
 
-    return run
+    return once_per(run, len(tensors))
 
 
 def rate_table(runs: dict[str, tuple[Callable, list]], repeats: int, baseline: str) -> list[list[str]]:
@@ -160,11 +156,11 @@ def datamodule_runs(folder: Path, images: int) -> dict[str, tuple[Callable, list
         )
         dm.setup("fit")
         loader = iter(dm.train_dataloader())
-        runs[name] = (_per_batch(lambda _, loader=loader: next(loader), 16), list(range(images)))
+        runs[name] = (once_per(lambda _, loader=loader: next(loader), 16), list(range(images)))
     return runs
 
 
-def _per_batch(run: Callable[[object], None], batch: int) -> Callable[[object], None]:
+def once_per(run: Callable[[object], None], batch: int) -> Callable[[object], None]:
     """Calls ``run`` on every ``batch``-th item, so a run over N items makes N / batch batches."""
     state = {"i": 0}
 
