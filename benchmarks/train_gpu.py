@@ -19,7 +19,8 @@ Then it times the colour operations of a step's crops on the device (``photometr
 :class:`~geodino.train.PhotometricAugmentation` on the ``4 x --batch`` images of the best variants).
 Part 2 runs ``Trainer.fit`` (bf16-mixed, ``--stage-strategy``, activation checkpointing in the pretrain
 stage) for the pretrain and Gram stages with the real data pipeline (corpus -> random chips -> multi-crop ->
-masks, DataLoader workers, colour operations on the device) and reports losses and step times.
+masks, DataLoader workers, colour operations on the device) and reports losses, step times and how long
+each step waited for its batch (Lightning's ``SimpleProfiler``), without a GPU synchronisation per step.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch._inductor.config
+from lightning.pytorch.profilers import SimpleProfiler
 from lightning.pytorch.strategies.strategy import _ForwardRedirection
 from torch import Tensor, nn
 from torch.autograd import DeviceType
@@ -411,15 +413,32 @@ def time_variant(name: str, args: argparse.Namespace, device: torch.device, per_
 
 
 class StepTimer(L.Callback):
-    """Records the loss and wall time of every training step."""
+    """Records the loss and the wall time at the end of every training step without waiting for the GPU (as
+    ``geodino fit`` runs): the losses stay on the device until :meth:`report`."""
 
     def __init__(self) -> None:
-        self.losses: list[float] = []
+        self.losses: list[Tensor] = []
         self.times: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
+        self.losses.append(outputs["loss"].detach())
         self.times.append(time.perf_counter())
+
+    def report(self, batch_size: int, data_waits: list[float]) -> dict[str, float | None]:
+        """Mean step time and images/s after 10 warm-up steps (the host runs ahead of the GPU, so single
+        steps are not its steps), mean wait for the next batch (``data_waits``, seconds per step) over the
+        same steps, and the mean loss of the first and last 10 steps."""
+        losses = torch.stack(self.losses).float().cpu().tolist()
+        steps = len(self.times) - 11
+        step_s = (self.times[-1] - self.times[10]) / steps if steps > 0 else None
+        waits = data_waits[11:]
+        return {
+            "mean_step_s": step_s,
+            "images_per_s": None if step_s is None else batch_size / step_s,
+            "mean_data_wait_s": sum(waits) / len(waits) if waits else None,
+            "loss_first10": sum(losses[:10]) / 10,
+            "loss_last10": sum(losses[-10:]) / 10,
+        }
 
 
 def time_photometric(images: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -506,19 +525,18 @@ def stages(args: argparse.Namespace, out: Path, accelerator: str, record: Callab
             enable_progress_bar=False,
             use_distributed_sampler=False,
             callbacks=[timer, ExportTeacher(out / f"{stage}_teacher.pth")],
+            profiler=SimpleProfiler(dirpath=out, filename=f"profiler_{stage}"),  # the waits for batches
         )
         start = time.perf_counter()
         trainer.fit(module, data)
-        dt = sorted(b - a for a, b in zip(timer.times[10:], timer.times[11:], strict=False))
+        waits = trainer.profiler.recorded_durations["[_TrainingEpochLoop].train_dataloader_next"]
         report[stage] = {
             "steps": args.stage_steps,
             "strategy": type(trainer.strategy).__name__,
             "activation_checkpointing": not gram,
+            "photometric_on": "device",
             "wall_s": time.perf_counter() - start,
-            "median_step_s": dt[len(dt) // 2] if dt else None,
-            "images_per_s": args.stage_batch / dt[len(dt) // 2] if dt else None,
-            "loss_first10": sum(timer.losses[:10]) / 10,
-            "loss_last10": sum(timer.losses[-10:]) / 10,
+            **timer.report(args.stage_batch, waits),
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "gram_updates": int(module.gram_updates) if gram else None,
         }
