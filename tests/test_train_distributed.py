@@ -18,7 +18,8 @@ augmented in this process by the same ``MultiCropDataset``) and so finds which c
 3. Resume: run A trains 8 steps uninterrupted; run B (same configuration, ``max_steps=100``, checkpoint every
    2 steps) is killed with SIGKILL after its step-4 checkpoint is written, then resumed from ``last.ckpt`` to
    step 8. The epoch has 6 batches, so the resumed run also crosses an epoch boundary. Every step of B, before
-   and after the kill, must train on the same chips and give bit-identical losses as A's.
+   and after the kill, must train on the same chips and give bit-identical losses as A's; with the colour
+   operations in the workers and after the transfer (``photometric_on``).
 """
 
 from __future__ import annotations
@@ -308,10 +309,12 @@ def test_two_node_run_under_cluster_launchers(corpus: Path, tmp_path: Path, laun
     assert all(torch.isfinite(p).all() for p in teacher.parameters())
 
 
-def test_killed_run_resumes_exactly(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("photometric_on", ["workers", "device"])
+def test_killed_run_resumes_exactly(corpus: Path, tmp_path: Path, photometric_on: str) -> None:
     total, chips_per_epoch = 8, 6 * BATCH  # 6 steps per epoch: the resumed run crosses an epoch boundary
     common = [
         f"--data.chips_per_epoch={chips_per_epoch}",
+        f"--data.photometric_on={photometric_on}",
         # the recipe's ModelCheckpoint (last callback): every 2 steps, into a known folder
         "--trainer.callbacks.init_args.every_n_train_steps=2",
     ]
