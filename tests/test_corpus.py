@@ -218,6 +218,22 @@ def test_int16_reflectance_scaling(tmp_path: Path) -> None:
     assert (np.diff(image[0].ravel()[order]) >= 0).all()  # monotonic
 
 
+def test_scale_zeroes_nan_and_leaves_the_input_alone(tmp_path: Path) -> None:
+    """Float pixels (a float raster's read) may hold NaN: 0 after scaling; integer and float pixels of the
+    same values scale alike, and the caller's array is not modified."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(100, 3000, size=(2, 64, 64)).astype(np.uint16)
+    corpus = RasterCorpus.from_paths(_write(tmp_path / "u16.tif", data), progress=False)
+    floats = data.astype(np.float32)
+    floats[1, :3] = np.nan
+    before = floats.copy()
+    scaled = corpus.scale(floats, 0)
+    np.testing.assert_array_equal(floats, before)  # NaN-aware: the input is untouched
+    assert (scaled[1, :3] == 0).all() and np.isfinite(scaled).all()
+    np.testing.assert_array_equal(scaled[:, 3:], corpus.scale(data, 0)[:, 3:])
+    assert scaled.dtype == np.float32 and scaled.min() >= 0 and scaled.max() <= 1
+
+
 def test_scaling_by_raster(tmp_path: Path) -> None:
     """Each raster its own levels: the percentiles of its own valid pixels in the decimated read."""
     rng = np.random.default_rng(4)

@@ -277,7 +277,7 @@ class PretrainDataModule(L.LightningDataModule):
         photometric_on: Where the colour operations (jitter, grayscale, blur, solarize) and normalisation of
             the global and local crops run: ``"workers"`` (the DataLoader workers, as the official code) or
             ``"device"`` (the whole batch at once after it reaches the GPU, in
-            :meth:`on_after_batch_transfer`; a worker then makes 2.5x more images per second). The random
+            :meth:`on_after_batch_transfer`; a worker then makes ~2.7x more images per second). The random
             draws are made in the workers either way, so the batches are the same up to float rounding and
             resume stays exact.
     """

@@ -8,7 +8,7 @@ torchvision's order) are kept apart from their application (:meth:`PhotometricAu
 takes a batch ``[N, C, H, W]`` and a draw per image. So the same code runs in a worker on one crop, or on the
 GPU on all crops of a step after the batch is transferred (``PretrainDataModule(photometric_on="device")``).
 That takes two thirds of a worker's augmentation time per image to the GPU (35 -> 11 ms on one CPU core;
-2.5x more images per core through the data module, ``benchmarks/multicrop.py``).
+~2.7x more images per core through the data module, ``benchmarks/multicrop.py``).
 
 The formulas are torchvision v2's (``functional/_color.py``, ``_misc.py``) with a factor per image; the tests
 compare them to torchvision image by image. Hand-rolled because torchvision's functional colour ops take one
