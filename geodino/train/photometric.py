@@ -128,18 +128,22 @@ def _blend(image: Tensor, other: Tensor, ratio: Tensor) -> Tensor:
 
 
 def _brightness(rgb: Tensor, factor: Tensor) -> Tensor:
+    """torchvision's ``adjust_brightness`` of ``rgb [n, 3, H, W]``, one factor per image ``[n, 1, 1, 1]``."""
     return rgb.mul(factor).clamp_(0.0, 1.0)
 
 
 def _contrast(rgb: Tensor, factor: Tensor) -> Tensor:
+    """``adjust_contrast``: a blend with the image's mean luma."""
     return _blend(rgb, _gray(rgb).mean(dim=(-3, -2, -1), keepdim=True), factor)
 
 
 def _saturation(rgb: Tensor, factor: Tensor) -> Tensor:
+    """``adjust_saturation``: a blend with the per-pixel luma."""
     return _blend(rgb, _gray(rgb), factor)
 
 
 def _hue(rgb: Tensor, factor: Tensor) -> Tensor:
+    """``adjust_hue``: the hue shifted by ``factor`` turns in HSV (torchvision's conversions)."""
     h, s, v = _rgb_to_hsv(rgb).unbind(dim=-3)
     h = h.add(factor.view(-1, 1, 1)).remainder_(1.0)
     return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
