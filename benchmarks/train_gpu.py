@@ -16,7 +16,8 @@ that MFU compares the variants on the same model FLOPs and peak. A variant that 
 is reported as such and the next one runs, as is an fp8 variant where fp8 is unavailable (no torchao, or a
 GPU without fp8 tensor cores).
 Then it times the colour operations of a step's crops on the device (``photometric_on="device"``:
-:class:`~geodino.train.PhotometricAugmentation` on the ``4 x --batch`` images of the best variants).
+:class:`~geodino.train.PhotometricAugmentation` on the crops of the ``4 x --batch`` images of the best
+variants, with the draws of :class:`~geodino.train.MultiCropAugmentation`).
 Part 2 runs ``Trainer.fit`` (bf16-mixed, ``--stage-strategy``, activation checkpointing in the pretrain
 stage) for the pretrain and Gram stages with the real data pipeline (corpus -> random chips -> multi-crop ->
 masks, DataLoader workers, colour operations on the device) and reports losses, step times and how long
@@ -51,13 +52,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from geodino.data import RasterCorpus, make_scene
+from geodino.models.presets import SAT_MEAN, SAT_STD
 from geodino.train import (
     DINOv3Module,
     ExportTeacher,
     MaskingGenerator,
-    PhotometricAugmentation,
-    PhotometricDraw,
+    MultiCropAugmentation,
     PretrainDataModule,
+    collate_multicrop,
 )
 from geodino.train.augment import masked_patch_index
 from geodino.train.base import FSDP_BF16, FSDP_UNITS, clip_grad_norm
@@ -443,25 +445,25 @@ class StepTimer(L.Callback):
 
 def time_photometric(images: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Milliseconds of the colour operations and normalisation of ``images`` images' crops on ``device``
-    (median of 5 after one warm-up), with the official draws (blur 0 / 0.9 / 0.5, solarize on crop 2)."""
-    aug = PhotometricAugmentation((0.43, 0.41, 0.38), (0.21, 0.19, 0.18), rgb_bands=(0, 1, 2))
+    (median of 5 after one warm-up): the crops and draws of :class:`MultiCropAugmentation` with deferred
+    colour operations, on random chips, collated as ``PretrainDataModule(photometric_on="device")`` does."""
+    aug = MultiCropAugmentation(
+        SAT_MEAN, SAT_STD, global_crops_size=args.global_size, local_crops_size=args.local_size,
+        local_crops_number=N_LOCAL, defer_photometric=True,
+    )  # fmt: skip
     torch.manual_seed(0)
-    draws = {
-        "global": PhotometricDraw.concat(
-            [aug.draw(0.0) for _ in range(images)] + [aug.draw(0.9, solarize=True) for _ in range(images)]
-        ),
-        "local": PhotometricDraw.concat([aug.draw(0.5) for _ in range(N_LOCAL * images)]),
-    }
-    crops = {
-        "global": torch.rand(2 * images, 3, args.global_size, args.global_size, device=device),
-        "local": torch.rand(N_LOCAL * images, 3, args.local_size, args.local_size, device=device),
-    }
+    chip = 2 * args.global_size
+    samples = [aug(torch.rand(3, chip, chip)) for _ in range(images)]
+    grid = args.global_size // 16
+    batch = collate_multicrop(samples, MaskingGenerator((grid, grid)), np.random.default_rng(0))
+    draws = batch.pop("photometric")
+    crops = {key: batch[f"collated_{key}"].to(device) for key in draws}
     times = []
     for _ in range(6):
         sync(device)
         start = time.perf_counter()
         for key, tensor in crops.items():
-            aug(tensor, draws[key])
+            aug.photometric(tensor, draws[key])
         sync(device)
         times.append(time.perf_counter() - start)
     return {"images": images, "ms": 1e3 * sorted(times[1:])[2]}

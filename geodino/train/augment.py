@@ -193,8 +193,7 @@ class MultiCropAugmentation:
             None if gram_crops_size is None else v2.Resize(gram_crops_size, interpolation=bicubic)
         )
 
-        self.normalize = v2.Normalize(mean=list(mean), std=list(std))
-        #: Colour operations and normalisation of the global and local crops.
+        #: Colour operations and normalisation of the global and local crops (normalisation only: Gram crops).
         self.photometric = PhotometricAugmentation(mean, std, rgb_bands)
         self.blur_probabilities = blur_probabilities
         self.defer_photometric = defer_photometric
@@ -246,7 +245,9 @@ class MultiCropAugmentation:
                 for key in crops
             }
         if self.resize_gram is not None:
-            output["gram_crops"] = [self.normalize(_clamp_unit(self.resize_gram(base))) for base in bases]
+            output["gram_crops"] = [
+                self.photometric.normalize(_clamp_unit(self.resize_gram(base))) for base in bases
+            ]
         return output
 
 

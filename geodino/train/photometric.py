@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -74,10 +74,7 @@ class PhotometricDraw:
     def concat(draws: Sequence[PhotometricDraw]) -> PhotometricDraw:
         """The draws of several batches of crops, in the given order."""
         return PhotometricDraw(
-            *(
-                np.concatenate([getattr(d, name) for d in draws])
-                for name in PhotometricDraw.__dataclass_fields__
-            )
+            *(np.concatenate([getattr(d, field.name) for d in draws]) for field in fields(PhotometricDraw))
         )
 
 
@@ -262,4 +259,8 @@ class PhotometricAugmentation:
             images[:, self.rgb_bands] = rgb
         images = _update(images, np.flatnonzero(draws.blur_sigma > 0), gaussian_blur, draws.blur_sigma)
         images = _update(images, np.flatnonzero(draws.solarize), _solarize)
+        return self.normalize(images)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """``(images - mean) / std`` per band, ``images [..., C, H, W]`` (a new tensor)."""
         return TF.normalize(images, mean=self.mean, std=self.std)
