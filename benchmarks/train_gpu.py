@@ -242,7 +242,8 @@ def make_step(
     wrapped: nn.Module | None = None,
 ) -> Callable[[], Tensor]:
     """One official iteration as a function returning the loss (no host sync): forward, backward,
-    per-submodule clipping, AdamW (fused with ``variant.fused_adamw``), EMA, with ``variant.sdpa``'s
+    per-submodule clipping and the skip flag of non-finite gradients, AdamW (fused with
+    ``variant.fused_adamw``, skipping on the flag), EMA (skipping too), with ``variant.sdpa``'s
     attention backend. With ``wrapped`` (the FSDP root around ``module``) the losses are computed through
     the root's forward, as Lightning calls ``training_step``."""
     if wrapped is None:
@@ -266,8 +267,10 @@ def make_step(
             with autocast:
                 loss = forward()["loss"]
             loss.backward()
-        for sub in module.student.values():
-            clip_grad_norm(sub.parameters(), 30.0)
+        norms = [clip_grad_norm(sub.parameters(), 30.0) for sub in module.student.values()]
+        found_inf = module.nonfinite.update(norms)  # the module's skip flag, read on the device
+        if variant.fused_adamw:
+            optimizer.found_inf = found_inf
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         module.update_ema(0.994)
@@ -570,7 +573,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stage-backbone", default="dinov3_vitb16.lvd1689m")
     parser.add_argument("--stage-strategy", default="fsdp", help="Lightning strategy of part 2 (GPU only)")
     parser.add_argument("--stage-batch", type=int, help="images per step in part 2 (32; tiny: 4)")
-    parser.add_argument("--stage-steps", type=int, help="steps per Lightning stage (60; tiny: 12)")
+    parser.add_argument("--stage-steps", type=int, help="steps per Lightning stage (200; tiny: 12)")
     parser.add_argument("--workers", type=int, default=12)
     args = parser.parse_args()
     for key, value in (TINY_DEFAULTS if args.tiny else GPU_DEFAULTS).items():

@@ -424,8 +424,8 @@ LIGHTNING_COMMANDS = {
 
 def run_lightning(argv: Sequence[str]) -> int:
     """``geodino fit|validate|distill --config recipe.yaml ...`` through LightningCLI. A checkpoint or raster
-    that cannot be used (a previous stage's file missing, unreadable or of other networks) is reported in
-    one line naming the file and the fix, without a traceback."""
+    that cannot be used (a previous stage's file missing, unreadable or of other networks), and a run that
+    diverged, are reported in one line naming the file or the steps and the fix, without a traceback."""
     from lightning.pytorch.cli import LightningCLI
 
     from geodino import train
@@ -445,7 +445,7 @@ def run_lightning(argv: Sequence[str]) -> int:
                 trainer_defaults={"use_distributed_sampler": False},
                 save_config_kwargs={"overwrite": True},
             )
-        except (CheckpointError, RasterFileError) as err:
+        except (CheckpointError, RasterFileError, train.TrainingDiverged) as err:
             return _error(str(err))
     return 0
 

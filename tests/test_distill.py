@@ -301,6 +301,21 @@ def test_ema_follows_formula_with_cosine_momentum(teacher_file, chips) -> None:
     assert all(not p.requires_grad for p in module.students_ema.parameters())
 
 
+def test_a_nonfinite_step_leaves_students_and_their_ema_unchanged(teacher_file, chips) -> None:
+    """Step 1 sees a NaN pixel (NaN teacher targets, so every student's loss is NaN) and changes no student
+    and no EMA copy."""
+    batches = make_batches(chips, 2)
+    crops = batches[1]["collated_global_crops"].clone()
+    crops[0, 0, 0, 0] = float("nan")
+    batches[1] = {**batches[1], "collated_global_crops": crops}
+    states = Recorder(lambda m, out: (float(out["loss"]), params_of(m.students), params_of(m.students_ema)))
+    fit(distiller(teacher_file), batches, 2, trainer_kwargs={"callbacks": [states]})
+    (loss0, *after0), (loss1, *after1) = states.values
+    assert math.isfinite(loss0) and math.isnan(loss1)
+    for before, after in zip(after0, after1, strict=True):
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def expected_lr_multiplier(name: str, n_blocks: int, decay: float, patch_embed: float) -> float:
     """Official layer-wise decay, written independently: embeddings 0, block i → i + 1, the rest L + 1."""
     block = re.search(r"\.blocks\.(\d+)\.", name)

@@ -48,6 +48,25 @@ def test_a_stage_without_its_previous_stage_says_so(tmp_path: Path, monkeypatch,
     assert "run that stage first" in err and "Traceback" not in err
 
 
+def test_a_diverging_run_stops_with_one_line_and_exports_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The tiny pretraining at a learning rate of 1e10: after the first step every loss is NaN, those steps
+    are skipped, and the run stops at the first log (step 4) with the fix, without a traceback and
+    without a teacher export that a next stage could take for a finished one."""
+    rasters = shared_path("data", "rasters")
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs")
+    assert (
+        main(["index", str(rasters / "cogeo.tif"), "--bands", "1", "2", "3", "--out", "runs/corpus.parquet"])
+        == 0
+    )
+    too_high = ['--model.lr={"start": 1e10, "peak": 1e10}', "--trainer.max_steps=8", "--data.num_workers=0"]
+    assert main(["fit", "--config", str(RECIPES / "pretrain_tiny.yaml"), *too_high]) == 2
+    err = capsys.readouterr().err
+    assert "geodino: error: DINOv3Module: 3 optimizer steps in a row before step 4 had NaN" in err
+    assert "lower lr" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "pretrain_tiny" / "teacher_checkpoint.pth").exists()
+
+
 def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
     rasters = shared_path("data", "rasters")
     monkeypatch.chdir(tmp_path)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from geodino.models import CheckpointError, load_backbone
 from geodino.models.presets import SAT_MEAN, SAT_STD
+from geodino.train import ExportTeacher, TrainingDiverged
 from geodino.train.augment import MultiCropAugmentation, collate_multicrop
 from geodino.train.masking import MaskingGenerator
 from geodino.train.module import DINOv3Module
@@ -320,6 +321,70 @@ def test_ema_follows_formula_with_momentum_schedule(chips) -> None:
             teacher1[name], 0.7 * teacher0[name] + 0.3 * student1[name], rtol=1e-6, atol=1e-7
         )
     assert not torch.equal(teacher1["backbone.cls_token"], student1["backbone.cls_token"])
+
+
+def poisoned(batch: dict) -> dict:
+    """The batch with one NaN pixel in its first global crop: every loss of the step becomes NaN."""
+    crops = batch["collated_global_crops"].clone()
+    crops[0, 0, 0, 0] = float("nan")
+    return {**batch, "collated_global_crops": crops}
+
+
+def optimizer_state(module: DINOv3Module) -> list[dict[str, torch.Tensor]]:
+    """AdamW's step count and moments of every parameter, copied."""
+    return [{k: v.clone() for k, v in s.items()} for s in module.trainer.optimizers[0].state.values()]
+
+
+@pytest.mark.parametrize("clip_grad", [3.0, None])
+def test_a_nonfinite_step_changes_nothing_and_training_goes_on(chips, clip_grad) -> None:
+    """Step 1 sees a NaN pixel: its loss and gradients are NaN, and it leaves the student, the EMA teacher
+    and AdamW's moments and step count as step 0 left them (with or without clipping, whose norms decide).
+    Step 2 trains on from there."""
+    batches = make_batches(chips, 3)
+    batches[1] = poisoned(batches[1])
+    module = tiny_module(clip_grad=clip_grad)
+    states = Recorder(
+        lambda m, out: (float(out["loss"]), params_of(m.student), params_of(m.teacher), optimizer_state(m))
+    )
+    fit(module, batches, 3, trainer_kwargs={"callbacks": [states]})
+    (loss0, *after0), (loss1, *after1), (loss2, student2, _, adamw2) = states.values
+    assert math.isnan(loss1) and math.isfinite(loss0) and math.isfinite(loss2)
+    student0, teacher0, adamw0 = after0
+    student1, teacher1, adamw1 = after1
+    for before, after in [(student0, student1), (teacher0, teacher1)]:
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(adamw0, adamw1, strict=True) for k in a)
+    assert {float(s["step"]) for s in adamw0} == {float(s["step"]) for s in adamw1} == {1.0}
+    assert {float(s["step"]) for s in adamw2} == {2.0}
+    assert all(torch.isfinite(v).all() for v in student2.values())
+    assert not torch.equal(student2["backbone.cls_token"], student1["backbone.cls_token"])
+    assert float(module.trainer.callback_metrics["train/skipped_steps"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("log_every", "message"),
+    [(1, "2 optimizer steps in a row before step 2"), (50, "4 optimizer steps in a row before step 4")],
+)
+def test_skipped_steps_in_a_row_stop_the_run_before_the_export(chips, tmp_path, log_every, message) -> None:
+    """Every step NaN: the run stops at the first log after two skipped steps, or at the end of the epoch
+    when no log came, with the weights of the start and without exporting a teacher."""
+    batches = [poisoned(b) for b in make_batches(chips, 4)]
+    module = tiny_module(max_skipped_steps=2)
+    start = params_of(module.student)
+    export = ExportTeacher(tmp_path / "teacher_checkpoint.pth")
+    with pytest.raises(TrainingDiverged, match=f"DINOv3Module: {message}"):
+        fit(module, batches, 4, trainer_kwargs={"callbacks": [export], "log_every_n_steps": log_every})
+    assert all(torch.equal(start[k], v) for k, v in params_of(module.student).items())
+    assert not (tmp_path / "teacher_checkpoint.pth").exists()
+
+
+def test_an_optimizer_that_cannot_skip_is_refused(chips) -> None:
+    class Unfused(DINOv3Module):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.student.parameters(), foreach=True)
+
+    with pytest.raises(TypeError, match=r"fused=True"):
+        fit(Unfused(**tiny_module().hparams), make_batches(chips, 1), 1)
 
 
 def expected_lr_multiplier(name: str, n_blocks: int, decay: float, patch_embed: float) -> float:

@@ -11,8 +11,10 @@
 3. FSDP (slow): 2 CPU processes (gloo) under Lightning's ``FSDPStrategy`` (sharding the networks by
    ``FSDP_UNITS``), with activation checkpointing and compiled blocks, and, as the reference, plain under
    DDP, on the same per-rank batches with Gram anchoring and a Gram refresh, drop-path and clipping that
-   is active at every step. Each FSDP rank holds half of the student; losses, gradient norms (reduced over
-   the shards), the gathered teacher export and the Lightning checkpoint equal DDP's. Lightning refuses
+   is active at every step, and a NaN pixel in rank 1's batch of step 1. Each FSDP rank holds half of the
+   student; losses, gradient norms (reduced over the shards), the gathered teacher export and the Lightning
+   checkpoint equal DDP's. Both ranks skip the NaN step (the norm is that of the reduced gradient), and
+   the DDP replicas stay equal. Lightning refuses
    FSDP without a GPU, and FSDP needs ``device_id=cpu`` on CPU, so the run uses :class:`CPUFSDPStrategy`,
    a subclass that changes the device given to FSDP (and works around a CPU-only aliasing of gathered
    optimizer states in torch, see the class). The processes run this file as a script (Lightning starts
@@ -481,7 +483,17 @@ class RecordAndExport(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         held = sum(p.numel() for p in pl_module.student.parameters())
         probe = next(c for c in trainer.callbacks if isinstance(c, DenseKNNProbe))
-        record = {"steps": self.steps, "student_elements": held, "probe": probe.history}
+        sums = {
+            name: sum(float(p.double().sum()) for p in getattr(pl_module, name).parameters())
+            for name in ("student", "teacher")
+        }
+        record = {
+            "steps": self.steps,
+            "student_elements": held,
+            "probe": probe.history,
+            "skipped_steps": float(pl_module.nonfinite.total),
+            **sums,
+        }
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
         pl_module.export_teacher(self.folder / "teacher.pth")
 
@@ -514,6 +526,7 @@ def distributed_fit(strategy: str, folder: Path) -> None:
         compile=strategy == "fsdp",
     )
     batches = [random_batch(seed) for seed in range(WORLD * STEPS)]  # rank r gets r, r + 2, ...
+    batches[WORLD + 1]["collated_global_crops"][0, 0, 0, 0] = float("nan")  # rank 1, step 1
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
@@ -554,11 +567,23 @@ def test_fsdp_matches_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     full = records["ddp"][0]["student_elements"]
     held = [record["student_elements"] for record in records["fsdp"]]
     assert sum(held) == full and max(held) < full  # sharded: every element on exactly one rank
+    # rank 1's batch of step 1 holds a NaN pixel; Sinkhorn-Knopp's sums over the global batch carry it into
+    # rank 0's targets, and the gradient norm (after the all-reduce, or over the shards) is NaN on both
+    # ranks: both skip the step, and the replicas stay equal
+    for strategy, ranks in records.items():
+        nan_losses = [[math.isnan(step["loss"]) for step in rank["steps"]] for rank in ranks]
+        assert nan_losses == [[False, True, False]] * WORLD, strategy
+        assert all(math.isnan(rank["steps"][1]["grad_norm"]) for rank in ranks), strategy
+        assert [rank["skipped_steps"] for rank in ranks] == [1.0, 1.0], strategy
+    for name in ("student", "teacher"):
+        ddp_sums = [rank[name] for rank in records["ddp"]]
+        assert math.isfinite(ddp_sums[0]) and ddp_sums[0] == ddp_sums[1], name  # replicas stayed equal
+        assert sum(rank[name] for rank in records["fsdp"]) == pytest.approx(ddp_sums[0], rel=1e-5), name
     for ddp, fsdp in zip(records["ddp"], records["fsdp"], strict=True):
         assert len(ddp["steps"]) == len(fsdp["steps"]) == STEPS
         for want, got in zip(ddp["steps"], fsdp["steps"], strict=True):
-            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, nan_ok=True)
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5, nan_ok=True)
         # the probe ran at steps 0 and 2 on every rank, and the sharded teacher gives the replicated one's
         assert [h["step"] for h in fsdp["probe"]] == [h["step"] for h in ddp["probe"]] == [0, 2]
         for want, got in zip(ddp["probe"], fsdp["probe"], strict=True):

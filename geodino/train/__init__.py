@@ -17,6 +17,7 @@ from geodino.train.losses import (
 )
 from geodino.train.masking import MaskingGenerator
 from geodino.train.module import DINOv3Module
+from geodino.train.nonfinite import NonFiniteSteps, TrainingDiverged
 from geodino.train.param_groups import layer_id, param_groups
 from geodino.train.photometric import PhotometricAugmentation, PhotometricDraw
 from geodino.train.probe import DenseKNNProbe
@@ -35,11 +36,13 @@ __all__ = [
     "KoLeoLoss",
     "MaskingGenerator",
     "MultiCropAugmentation",
+    "NonFiniteSteps",
     "PhotometricAugmentation",
     "PhotometricDraw",
     "PretrainDataModule",
     "SSLModule",
     "Schedule",
+    "TrainingDiverged",
     "collate_multicrop",
     "iBOTPatchLoss",
     "layer_id",

@@ -3,8 +3,9 @@
 :class:`SSLModule` is the base of :class:`~geodino.train.module.DINOv3Module` (EMA teacher, pretraining
 stages) and :class:`~geodino.train.distill.DistillationModule` (frozen teacher, several students). It holds
 the official iteration around each subclass's :meth:`~SSLModule.compute_losses`: per-step RNG seeding,
-logging, the teacher's Sinkhorn-Knopp targets, per-submodule gradient clipping, the scheduled LR and weight
-decay of every parameter group, and FSDP sharding. Subclasses keep their own constructor (LightningCLI reads
+logging, the teacher's Sinkhorn-Knopp targets, per-submodule gradient clipping, skipping steps whose
+gradients are not finite (:mod:`~geodino.train.nonfinite`), the scheduled LR and weight decay of every
+parameter group, and FSDP sharding. Subclasses keep their own constructor (LightningCLI reads
 its explicit signature) and say what differs through four small methods.
 
 The module-level helpers build and load the networks (official key names, strict loads with readable
@@ -46,6 +47,7 @@ from geodino.models.checkpoint import describe_mismatch, read_checkpoint
 from geodino.train.augment import masked_patch_index
 from geodino.train.heads import DINOHead
 from geodino.train.losses import sinkhorn_knopp
+from geodino.train.nonfinite import NonFiniteSteps
 from geodino.train.schedules import Schedule
 
 __all__ = ["FSDP_BF16", "FSDP_UNITS", "N_GLOBAL_CROPS", "SSLModule"]
@@ -75,14 +77,17 @@ class SSLModule(L.LightningModule):
     """Base of the DINOv3 self-distillation modules: the official iteration around :meth:`compute_losses`.
 
     A subclass sets, in its constructor, ``self.schedules`` (name -> :class:`Schedule`, with at least
-    ``lr``, ``weight_decay``, ``momentum`` and ``teacher_temp``) and ``self.teacher`` (``ModuleDict(backbone,
-    dino_head, ibot_head)`` that gives the targets), has the hyper-parameters ``seed``, ``freeze_last_layer``
-    and ``clip_grad``, and implements :meth:`compute_losses`, :meth:`frozen_networks`,
-    :meth:`clipped_networks` and :meth:`after_optimizer_step`.
+    ``lr``, ``weight_decay``, ``momentum`` and ``teacher_temp``), ``self.teacher`` (``ModuleDict(backbone,
+    dino_head, ibot_head)`` that gives the targets) and ``self.nonfinite`` (a
+    :class:`~geodino.train.nonfinite.NonFiniteSteps` whose flag its EMA update reads), has the
+    hyper-parameters ``seed``, ``freeze_last_layer`` and ``clip_grad``, and implements
+    :meth:`compute_losses`, :meth:`frozen_networks`, :meth:`clipped_networks` and
+    :meth:`after_optimizer_step`.
     """
 
     schedules: dict[str, Schedule]
     teacher: nn.ModuleDict
+    nonfinite: NonFiniteSteps
 
     # ------------------------------------------------------------------ what subclasses implement
 
@@ -145,6 +150,14 @@ class SSLModule(L.LightningModule):
         """Quiets Lightning's "modules in eval mode at the start of training" warning when those modules are
         exactly the :meth:`frozen_networks` (in eval by design); a trained module left in eval is still
         reported (the filter matches only this count of modules)."""
+        for optimizer in self.trainer.optimizers:
+            # the attribute torch.amp.GradScaler checks before passing found_inf to an optimizer
+            if not getattr(optimizer, "_step_supports_amp_scaling", False):
+                raise TypeError(
+                    f"{type(self).__name__} skips steps with non-finite gradients through the optimizer's "
+                    f"found_inf, which {type(optimizer).__name__} without fused=True does not take: "
+                    "configure_optimizers must return a fused optimizer (torch.optim.AdamW(..., fused=True))"
+                )
         frozen = {id(m) for network in self.frozen_networks() for m in network.modules()}
         in_eval = [m for _, m in self.named_modules() if not m.training]
         if in_eval and all(id(m) in frozen for m in in_eval):
@@ -216,11 +229,19 @@ class SSLModule(L.LightningModule):
             # device tensor that is a host sync draining the GPU's queue. The bar gets a CPU copy of the
             # loss, made (one sync) only on the steps that write the logs.
             self.log("loss", losses["loss"].detach().cpu(), prog_bar=True, logger=False, batch_size=n_images)
+            self.nonfinite.check(type(self).__name__, step)  # the host waits for the GPU here already
+        self.log("train/skipped_steps", self.nonfinite.total, batch_size=n_images)
         terms = {name: value.detach() for name, value in losses.items() if name != "loss"}
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=n_images)
         values = self.schedule_values(step)
         self.log_dict({f"train/{k}": v for k, v in values.items()}, batch_size=n_images)
         return {"loss": losses["loss"], **terms}
+
+    def on_train_epoch_end(self) -> None:
+        """Checks the steps after the last log for a run of skipped steps, as :meth:`training_step` does on
+        the steps that log. Runs before the epoch's checkpoint and the teacher's export, so a diverged run
+        stops without exporting."""
+        self.nonfinite.check(type(self).__name__, self.global_step)
 
     def _log_every_n_steps(self) -> int:
         """The trainer's ``log_every_n_steps``; 1 when the module runs without a trainer."""
@@ -239,11 +260,14 @@ class SSLModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clips every network of :meth:`clipped_networks` separately to ``clip_grad`` (official).
+        """Clips every network of :meth:`clipped_networks` separately to ``clip_grad`` (official), and marks
+        the step to be skipped if a gradient is NaN or infinite.
 
         Lightning calls this hook before every optimizer step (after AMP unscaling), whatever the
         ``Trainer``'s ``gradient_clip_val``; the Trainer setting would clip all networks at once, so it is
-        refused. Logs each network's norm before clipping as ``train/<name>_grad_norm``.
+        refused. Logs each network's norm before clipping as ``train/<name>_grad_norm``. The norms (computed
+        also without ``clip_grad``) give ``self.nonfinite``'s flag, which goes to the optimizer as its
+        ``found_inf``: the fused AdamW step then changes nothing (see :mod:`~geodino.train.nonfinite`).
 
         Raises:
             ValueError: If ``Trainer(gradient_clip_val=...)`` is set.
@@ -254,12 +278,13 @@ class SSLModule(L.LightningModule):
                 f"{name} clips per sub-module: set {name}(clip_grad=...) instead of "
                 f"Trainer(gradient_clip_val={gradient_clip_val})"
             )
-        if not self.hparams.clip_grad:
-            return
         sharded = grads_sharded(self)
+        norms = []
         for metric, module in self.clipped_networks():
-            norm = clip_grad_norm(module.parameters(), self.hparams.clip_grad, sharded=sharded)
+            norm = clip_grad_norm(module.parameters(), self.hparams.clip_grad or None, sharded=sharded)
             self.log(f"train/{metric}_grad_norm", norm)
+            norms.append(norm)
+        optimizer.found_inf = self.nonfinite.update(norms)
 
     def optimizer_step(
         self,
@@ -455,23 +480,30 @@ def grads_sharded(module: L.LightningModule) -> bool:
     )
 
 
-def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float, *, sharded: bool = False) -> Tensor:
+def clip_grad_norm(
+    parameters: Iterable[nn.Parameter], max_norm: float | None, *, sharded: bool = False
+) -> Tensor:
     """Scales the gradients so that their global L2 norm is at most ``max_norm``; returns the norm before.
 
     Without ``sharded`` this is ``nn.utils.clip_grad_norm_``. With ``sharded`` (FSDP: each rank holds a
     disjoint shard of every gradient), the squared norms of the local shards are summed over all ranks with
-    one all-reduce, so every rank applies the same factor; every rank must call it.
+    one all-reduce, so every rank applies the same factor; every rank must call it. With ``max_norm`` None
+    only the norm is computed.
     """
-    if not sharded:
-        return nn.utils.clip_grad_norm_(parameters, max_norm=max_norm)
     params = list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
+    if not sharded:
+        norm = nn.utils.get_total_norm(grads)
+        if max_norm is not None:
+            nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
     squared = torch.zeros((), device=params[0].device)
     if grads:
         squared = torch.stack(torch._foreach_norm(grads)).float().square().sum()
     torch.distributed.all_reduce(squared)
     norm = squared.sqrt()
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    if max_norm is not None:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm
 
 

@@ -57,6 +57,7 @@ from geodino.train.base import (
     unwrapped_name,
 )
 from geodino.train.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from geodino.train.nonfinite import NonFiniteSteps, ema_update_
 from geodino.train.param_groups import param_groups
 from geodino.train.schedules import Schedule
 
@@ -161,6 +162,11 @@ class DistillationModule(SSLModule):
         betas: AdamW betas.
         clip_grad: Max gradient norm, applied separately to each student's backbone, DINO head and iBOT head;
             None or 0 = no clipping. Use this, not ``Trainer(gradient_clip_val)``.
+        max_skipped_steps: A step whose gradients are NaN or infinite is skipped: the weights, the AdamW
+            state and the EMA networks stay as they were (:mod:`~geodino.train.nonfinite`). This many
+            skipped steps in a row stop the run with :class:`~geodino.train.nonfinite.TrainingDiverged` (3:
+            the official training aborts at the third NaN loss in a row), checked when the logs are written
+            (``Trainer(log_every_n_steps)``) and at the end of every epoch.
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
         activation_checkpointing: Recompute the students' block activations in the backward pass
             (:func:`~geodino.train.base.checkpoint_blocks`): less memory, the same gradients. True: all of
@@ -209,6 +215,7 @@ class DistillationModule(SSLModule):
         patch_embed_lr_mult: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.999),
         clip_grad: float | None = 3.0,
+        max_skipped_steps: int = 3,
         seed: int = 0,
         activation_checkpointing: bool | Literal["selective"] = False,
         compile: bool = False,
@@ -218,6 +225,7 @@ class DistillationModule(SSLModule):
         self.save_hyperparameters()
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        self.nonfinite = NonFiniteSteps(max_skipped_steps)
         self.schedules = {
             name: DEFAULT_DISTILLATION_SCHEDULES[name] if given is None else Schedule(**given)
             for name, given in (
@@ -389,13 +397,15 @@ class DistillationModule(SSLModule):
 
     # ------------------------------------------------------------------ EMA and export
 
-    @torch.no_grad()
     def update_ema(self, momentum: float) -> None:
-        """θ_ema ← m·θ_ema + (1 − m)·θ_student for every student's parameters (buffers are not averaged)."""
-        ema = list(self.students_ema.parameters())
-        students = list(self.students.parameters())
-        torch._foreach_mul_(ema, momentum)
-        torch._foreach_add_(ema, students, alpha=1.0 - momentum)
+        """θ_ema ← m·θ_ema + (1 − m)·θ_student for every student's parameters (buffers are not averaged); no
+        change after a skipped step (:func:`~geodino.train.nonfinite.ema_update_`)."""
+        ema_update_(
+            list(self.students_ema.parameters()),
+            list(self.students.parameters()),
+            momentum,
+            self.nonfinite.found,
+        )
 
     def export_students(
         self, folder: str | os.PathLike, filename: str = "teacher_checkpoint.pth"

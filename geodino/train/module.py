@@ -62,6 +62,7 @@ from geodino.train.base import (
     unwrapped_name,
 )
 from geodino.train.losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss, resize_patch_features
+from geodino.train.nonfinite import NonFiniteSteps, ema_update_
 from geodino.train.param_groups import param_groups
 from geodino.train.schedules import Schedule
 
@@ -158,6 +159,11 @@ class DINOv3Module(SSLModule):
             schedules start at 0. The Gram teacher starts as that EMA teacher unless ``gram_from`` is given.
             The AdamW state moves by parameter name, so either stage may run on one device, DDP or FSDP,
             with any ``layer_decay``. Not with ``init_from``.
+        max_skipped_steps: A step whose gradients are NaN or infinite is skipped: the weights, the AdamW
+            state and the EMA networks stay as they were (:mod:`~geodino.train.nonfinite`). This many
+            skipped steps in a row stop the run with :class:`~geodino.train.nonfinite.TrainingDiverged` (3:
+            the official training aborts at the third NaN loss in a row), checked when the logs are written
+            (``Trainer(log_every_n_steps)``) and at the end of every epoch.
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
         activation_checkpointing: Recompute the student's block activations in the backward pass instead of
             keeping them (:func:`~geodino.train.base.checkpoint_blocks`), with the same gradients (drop-path
@@ -215,6 +221,7 @@ class DINOv3Module(SSLModule):
         patch_embed_lr_mult: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.99),
         clip_grad: float | None = 30.0,
+        max_skipped_steps: int = 3,
         gram: bool = False,
         gram_loss_weight: dict[str, float] | None = None,
         gram_from: str | None = None,
@@ -232,6 +239,7 @@ class DINOv3Module(SSLModule):
         self.save_hyperparameters()
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        self.nonfinite = NonFiniteSteps(max_skipped_steps)
         if init_from is not None and continue_from is not None:
             raise ValueError(
                 "init_from starts a stage from a teacher file, continue_from continues a run: not both"
@@ -448,13 +456,12 @@ class DINOv3Module(SSLModule):
 
     # ------------------------------------------------------------------ teacher updates and export
 
-    @torch.no_grad()
     def update_ema(self, momentum: float) -> None:
-        """θ_teacher ← m·θ_teacher + (1 − m)·θ_student over all parameters (buffers are not averaged)."""
-        teacher = list(self.teacher.parameters())
-        student = list(self.student.parameters())
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        """θ_teacher ← m·θ_teacher + (1 − m)·θ_student over all parameters (buffers are not averaged); no
+        change after a skipped step (:func:`~geodino.train.nonfinite.ema_update_`)."""
+        ema_update_(
+            list(self.teacher.parameters()), list(self.student.parameters()), momentum, self.nonfinite.found
+        )
 
     @torch.no_grad()
     def update_gram(self) -> None:
