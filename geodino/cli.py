@@ -424,20 +424,36 @@ LIGHTNING_COMMANDS = {
 
 def run_lightning(argv: Sequence[str]) -> int:
     """``geodino fit|validate|distill --config recipe.yaml ...`` through LightningCLI. A checkpoint or raster
-    that cannot be used (a previous stage's file missing, unreadable or of other networks), and a run that
-    diverged, are reported in one line naming the file or the steps and the fix, without a traceback."""
+    that cannot be used (a previous stage's file missing, unreadable or of other networks; a ``ckpt_path``
+    to resume from that is missing or cut short), and a run that diverged, are reported in one line naming
+    the file or the steps and the fix, without a traceback."""
     from lightning.pytorch.cli import LightningCLI
 
     from geodino import train
     from geodino.data import RasterFileError
     from geodino.models import CheckpointError
+    from geodino.train.base import check_resume_checkpoint
+
+    class ResumeAsConfigured(LightningCLI):
+        """LightningCLI whose ``ckpt_path`` resumes the run's state with the settings of the recipe and the
+        command line."""
+
+        def _parse_ckpt_path(self) -> None:
+            """Checks ``ckpt_path`` (see :func:`~geodino.train.base.check_resume_checkpoint`) in place of
+            LightningCLI's step that reads the whole file to replace the model's settings with the
+            checkpoint's hyper-parameters (Lightning-AI/pytorch-lightning#20801, #21455): resuming a diverged
+            run with ``--model.lr`` lowered would silently keep the old rate."""
+            subcommand = self.config.get("subcommand")
+            path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if path is not None:
+                check_resume_checkpoint(path)
 
     subcommand, module = LIGHTNING_COMMANDS[argv[0]]
     with warnings.catch_warnings():
         # The arguments always come through `args` (``distill`` becomes ``fit``); this warning is about that.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         try:
-            LightningCLI(
+            ResumeAsConfigured(
                 getattr(train, module),
                 train.PretrainDataModule,
                 args=[subcommand, *argv[1:]],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from geodino.cli import main
 from geodino.data import ChipListSampler, ChipRef
 from geodino.models import build_backbone
 from geodino.models.checkpoint import read_state_dict
+from geodino.train import Schedule
 from geodino.train.data import ResolutionBatchSampler
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -65,6 +67,36 @@ def test_a_diverging_run_stops_with_one_line_and_exports_nothing(tmp_path: Path,
     assert "geodino: error: DINOv3Module: 3 optimizer steps in a row before step 4 had NaN" in err
     assert "lower lr" in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "pretrain_tiny" / "teacher_checkpoint.pth").exists()
+
+
+def test_resume_keeps_the_command_line_settings_and_refuses_a_cut_checkpoint(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``--ckpt_path`` resumes the run's state with the settings of the recipe and the command line: a lower
+    lr given to resume takes effect (LightningCLI alone would put the checkpoint's back). A missing or cut
+    short ``ckpt_path`` gets one line naming it, before anything runs."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs")
+    cogeo = str(shared_path("data", "rasters", "cogeo.tif"))
+    assert main(["index", cogeo, "--bands", "1", "2", "3", "--out", "runs/corpus.parquet"]) == 0
+    fit = ["fit", "--config", str(RECIPES / "pretrain_tiny.yaml"), "--data.num_workers=0"]
+    last = tmp_path / "runs" / "pretrain_tiny" / "checkpoints" / "last.ckpt"
+    assert main([*fit, "--trainer.max_steps=2"]) == 0
+    lower = {"start": 0.0, "peak": 5e-4, "warmup": 10}  # the recipe's peak is 1e-3
+    resume = [f"--ckpt_path={last}", f"--model.lr={json.dumps(lower)}"]
+    assert main([*fit, "--trainer.max_steps=3", *resume]) == 0
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 3 and resumed["hyper_parameters"]["lr"] == lower
+    for group in resumed["optimizer_states"][0]["param_groups"]:
+        if not group["is_last_layer"]:  # the heads' last layers are frozen for the first steps
+            assert group["lr"] == pytest.approx(Schedule(**lower)(2) * group["lr_multiplier"])
+    capsys.readouterr()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    for path, message in ((tmp_path / "gone.ckpt", "no such file"), (cut, "not a whole checkpoint")):
+        assert main([*fit, f"--ckpt_path={path}"]) == 2
+        err = capsys.readouterr().err
+        assert f"geodino: error: ckpt_path {path}: {message}" in err and "Traceback" not in err
 
 
 def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:

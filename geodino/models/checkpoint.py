@@ -11,6 +11,7 @@ initialisation.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -69,10 +70,25 @@ def read_checkpoint(path: str | os.PathLike) -> object:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any decoder failure means the same thing to the user: a bad file
         raise CheckpointError(
-            f"{path}: cannot read as a PyTorch/safetensors checkpoint ({type(err).__name__}: {err}). "
+            f"{path}: cannot read as a PyTorch/safetensors checkpoint ({load_error_reason(err)}). "
             "The file may be truncated or not a checkpoint; download it again or check the path."
         ) from err
     return obj
+
+
+def load_error_reason(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` or safetensors failed, in one line.
+
+    The weights-only unpickler's own message advises loading again with ``weights_only=False``: for a file
+    from elsewhere that is the unsafe step a checkpoint must never get, and for a corrupt file it does not
+    help either, so it is replaced.
+    """
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
+        return (
+            "it holds Python objects other than tensors and plain containers, or is corrupt; "
+            "geodino does not unpickle such objects, since a checkpoint can run code when it is unpickled"
+        )
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -665,6 +666,41 @@ def read_stage_checkpoint(path: str | os.PathLike) -> StageCheckpoint:
     names = {pid: unwrapped_name(n) for g in groups for pid, n in zip(g["params"], g["names"], strict=True)}
     moments = {names[pid]: adamw for pid, adamw in optimizers[0]["state"].items()}
     return StageCheckpoint(networks, moments, frozenset(names.values()))
+
+
+#: ``ckpt_path`` values that Lightning resolves itself rather than reading them as a file path.
+LIGHTNING_CKPT_KEYWORDS = frozenset({"last", "best", "hpc", "registry"})
+
+
+def check_resume_checkpoint(path: str | os.PathLike) -> None:
+    """Refuses a ``ckpt_path`` (a run to resume) that is missing or no whole checkpoint, before the run
+    starts; Lightning would fail deep inside, and for a damaged file advise loading it unsafely.
+
+    ``torch.save`` writes a zip archive whose directory is at the end of the file, so a file cut short (a
+    copy interrupted, a disk that filled up) has none. Only that directory is read: nothing for a checkpoint
+    of many GB. Lightning's values ``last``, ``best``, ``hpc`` and ``registry...`` are left to Lightning.
+
+    Raises:
+        CheckpointError: The file is missing, or has no archive directory holding a pickled object.
+    """
+    if str(path) in LIGHTNING_CKPT_KEYWORDS or str(path).startswith("registry:"):
+        return
+    if not Path(path).is_file():
+        raise CheckpointError(
+            f"ckpt_path {path}: no such file; give a checkpoint that this run's ModelCheckpoint wrote (e.g. "
+            "runs/pretrain_tiny/checkpoints/last.ckpt), or leave ckpt_path out to start from the first step"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            whole = any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        whole = False
+    if not whole:
+        raise CheckpointError(
+            f"ckpt_path {path}: not a whole checkpoint (no torch.save archive directory at its end), as a "
+            "copy cut short or a full disk leaves; resume from another checkpoint of the run, e.g. the one "
+            "before it in the same folder"
+        )
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], path: str | os.PathLike) -> None:
