@@ -73,8 +73,9 @@ def test_resume_keeps_the_command_line_settings_and_refuses_a_cut_checkpoint(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
     """``--ckpt_path`` resumes the run's state with the settings of the recipe and the command line: a lower
-    lr given to resume takes effect (LightningCLI alone would put the checkpoint's back). A missing or cut
-    short ``ckpt_path`` gets one line naming it, before anything runs."""
+    lr given to resume takes effect (LightningCLI alone would put the checkpoint's back). Network settings
+    that do not fit the checkpoint, and a missing or cut short ``ckpt_path``, get one line naming the file
+    and what differs."""
     monkeypatch.chdir(tmp_path)
     os.makedirs("runs")
     cogeo = str(shared_path("data", "rasters", "cogeo.tif"))
@@ -91,6 +92,12 @@ def test_resume_keeps_the_command_line_settings_and_refuses_a_cut_checkpoint(
         if not group["is_last_layer"]:  # the heads' last layers are frozen for the first steps
             assert group["lr"] == pytest.approx(Schedule(**lower)(2) * group["lr_multiplier"])
     capsys.readouterr()
+    # other network settings than the checkpoint's: the keys that do not fit and the settings that differ
+    deeper = '--model.backbone_overrides={"depth": 3, "embed_dim": 64, "num_heads": 2}'
+    assert main([*fit, f"--ckpt_path={last}", deeper]) == 2
+    err = capsys.readouterr().err
+    assert f"geodino: error: {last}: its networks do not fit this run's settings" in err
+    assert "missing keys (30): student.backbone.blocks.2." in err and "backbone_overrides: {'depth': 2" in err
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     for path, message in ((tmp_path / "gone.ckpt", "no such file"), (cut, "not a whole checkpoint")):

@@ -152,9 +152,12 @@ def closest_presets(state_dict: Mapping[str, Tensor], top: int = 3) -> list[tupl
     return sorted(scores, key=lambda s: -s[1])[:top]
 
 
-def describe_mismatch(model: nn.Module, state_dict: Mapping[str, Tensor], limit: int = 8) -> str:
-    """Human-readable missing / unexpected / shape-mismatched keys of ``state_dict`` against ``model``."""
-    want = _shapes(model)
+def describe_mismatch(
+    model: nn.Module | Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Tensor], limit: int = 8
+) -> str:
+    """Human-readable missing / unexpected / shape-mismatched keys of ``state_dict`` against ``model`` (a
+    module, or the ``key -> shape`` of the state dict it expects)."""
+    want = _shapes(model) if isinstance(model, nn.Module) else model
     have = {k: tuple(v.shape) for k, v in state_dict.items()}
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))

@@ -89,6 +89,9 @@ class SSLModule(L.LightningModule):
     schedules: dict[str, Schedule]
     teacher: nn.ModuleDict
     nonfinite: NonFiniteSteps
+    #: State-dict key prefixes of the networks that checkpoints leave out (a frozen teacher, read again from
+    #: its own file).
+    unsaved_prefixes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ what subclasses implement
 
@@ -167,6 +170,43 @@ class SSLModule(L.LightningModule):
                 message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start of training",
                 category=PossibleUserWarning,
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a checkpoint to resume from whose networks do not fit this run's (the run now takes its
+        settings from the recipe and the command line, not from the checkpoint), listing the keys that do
+        not fit and the settings that differ from the checkpoint's.
+
+        Skipped under FSDP, where the expected shapes would have to be gathered; the load itself then
+        fails on a mismatch.
+
+        Raises:
+            CheckpointError: Missing, unexpected or mis-shaped network keys.
+        """
+        if self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
+            return
+        unsaved = self.unsaved_prefixes
+        want = {k: tuple(v.shape) for k, v in self.state_dict().items() if not k.startswith(unsaved)}
+        report = describe_mismatch(want, checkpoint["state_dict"])
+        if not report:
+            return
+        before = checkpoint.get("hyper_parameters", {})
+        changed = [
+            f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in self.hparams.items() if before.get(k) != v
+        ]
+        path = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        raise CheckpointError(
+            f"{path}: its networks do not fit this run's settings:\n{report}\n"
+            f"settings that differ from the checkpoint's: {'; '.join(changed) or 'none'}. Resume with the "
+            "network settings the run started with (its config.yaml beside the logs); settings of the "
+            "optimisation, such as lr, may change"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leaves the networks of :attr:`unsaved_prefixes` out of the checkpoint."""
+        if self.unsaved_prefixes:
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self.unsaved_prefixes)
+            }
 
     def train(self, mode: bool = True) -> SSLModule:
         """Sets the training mode of the trained networks; :meth:`frozen_networks` always stay in eval."""

@@ -187,6 +187,9 @@ class DistillationModule(SSLModule):
         CheckpointError: ``teacher_from`` is missing, unreadable or does not fit the teacher networks.
     """
 
+    #: Checkpoints leave the frozen teacher out (it is read from ``teacher_from``).
+    unsaved_prefixes = ("teacher.",)
+
     def __init__(
         self,
         backbone: str,
@@ -388,12 +391,6 @@ class DistillationModule(SSLModule):
     def after_optimizer_step(self, step: int, values: dict[str, float]) -> None:
         """EMA update of the students' copies."""
         self.update_ema(values["momentum"])
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leaves the frozen teacher out of the checkpoint (it is read from ``teacher_from``)."""
-        checkpoint["state_dict"] = {
-            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("teacher.")
-        }
 
     # ------------------------------------------------------------------ EMA and export
 
