@@ -2,7 +2,7 @@
 
 from geodino.train.augment import MultiCropAugmentation, collate_multicrop
 from geodino.train.base import SSLModule
-from geodino.train.callbacks import ExportTeacher
+from geodino.train.callbacks import DataWaitMonitor, ExportTeacher
 from geodino.train.data import PretrainDataModule
 from geodino.train.distill import DEFAULT_DISTILLATION_SCHEDULES, DistillationModule
 from geodino.train.heads import DINOHead
@@ -29,6 +29,7 @@ __all__ = [
     "DINOLoss",
     "DINOLossTerms",
     "DINOv3Module",
+    "DataWaitMonitor",
     "DenseKNNProbe",
     "DistillationModule",
     "ExportTeacher",

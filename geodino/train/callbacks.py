@@ -1,13 +1,18 @@
-"""Lightning callbacks of pretraining: export of the EMA teacher in the official checkpoint layout."""
+"""Lightning callbacks of pretraining: export of the EMA teacher in the official checkpoint layout, and the
+share of time the training loop waits for batches."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["ExportTeacher"]
+__all__ = ["DataWaitMonitor", "ExportTeacher"]
 
 
 class ExportTeacher(L.Callback):
@@ -33,3 +38,81 @@ class ExportTeacher(L.Callback):
         if trainer.is_global_zero:
             for file in written if isinstance(written, list) else [written]:
                 print(f"teacher exported to {file}")
+
+
+class DataWaitMonitor(L.Callback):
+    """Logs ``train/data_wait``, the share of the training loop's time spent waiting for the next batch, and
+    warns once when the DataLoader does not keep up.
+
+    The wait of a step is the host's time from the end of the previous step to the start of this one: the
+    fetch of the batch (which blocks while the workers have none ready), its transfer and the hooks around
+    it. While the GPU is the bottleneck the host waits inside the steps instead, for room in the launch
+    queue, so the share stays small; while the workers are, the GPU idles for about that share of the
+    time. Each logged value covers the steps since the previous log (``Trainer(log_every_n_steps)``), as
+    Lightning's ``SimpleProfiler`` row ``train_dataloader_next`` does for the whole run, but with nothing
+    added to the steps: no profiler and no wait for the GPU.
+
+    Args:
+        threshold: Share of the time above which it warns (once per run, on global rank 0).
+        warmup_steps: Steps left out of the decision (the first batches also wait for the workers to start,
+            the first steps for compilation).
+        window_steps: Steps after the warm-up over which the share is judged, once.
+        clock: Seconds, monotonic (``time.perf_counter``).
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.1,
+        warmup_steps: int = 20,
+        window_steps: int = 100,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.threshold = threshold
+        self.warmup_steps = warmup_steps
+        self.window_steps = window_steps
+        self.clock = clock
+        self.on_train_start()
+
+    def on_train_start(self, *args: Any) -> None:
+        self._step_end = self.clock()  # the end of the last batch's step
+        self._wait = 0.0  # the current batch's wait
+        self._logged = [0.0, 0.0]  # seconds waited, and in all, since the last log
+        self._judged = [0.0, 0.0, 0.0]  # the same after the warm-up, and the steps they cover
+        self._logged_step = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._wait = self.clock() - self._step_end
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        now = self.clock()
+        spent, self._step_end = now - self._step_end, now
+        step = trainer.global_step  # optimizer steps done: the logs are written when it reaches a multiple
+        self._logged[0] += self._wait
+        self._logged[1] += spent
+        if self.warmup_steps < step and self._judged[2] < self.window_steps:
+            self._judged[0] += self._wait
+            self._judged[1] += spent
+            self._judged[2] = step - self.warmup_steps
+            if self._judged[2] == self.window_steps:
+                self._judge(trainer)
+        if step % trainer.log_every_n_steps or step == self._logged_step:  # (once under accumulation)
+            return
+        self._logged_step = step
+        pl_module.log("train/data_wait", self._logged[0] / max(self._logged[1], 1e-9))
+        self._logged = [0.0, 0.0]
+
+    def _judge(self, trainer: L.Trainer) -> None:
+        """Warns, with the settings of :class:`~geodino.train.data.PretrainDataModule` to change, if the loop
+        waited more than ``threshold`` of the judged steps' time."""
+        waited, spent, _ = self._judged
+        share = waited / max(spent, 1e-9)
+        if share <= self.threshold:
+            return
+        settings = getattr(trainer.datamodule, "hparams", {})
+        rank_zero_warn(
+            f"the training loop waited for batches {share:.0%} of the time over steps "
+            f"{self.warmup_steps + 1}-{trainer.global_step}: the DataLoader workers do not keep up. Raise "
+            f"data.num_workers (now {settings.get('num_workers', '?')}), set data.photometric_on=device "
+            f"(now {settings.get('photometric_on', '?')}; on a GPU the colour operations then run there), "
+            "or train on a chip store (geodino chips) instead of the rasters"
+        )
