@@ -54,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from geodino.data import RasterCorpus, make_scene
 from geodino.models.presets import SAT_MEAN, SAT_STD
 from geodino.train import (
+    DataWaitMonitor,
     DINOv3Module,
     ExportTeacher,
     MaskingGenerator,
@@ -529,7 +530,7 @@ def stages(args: argparse.Namespace, out: Path, accelerator: str, record: Callab
             enable_checkpointing=False,
             enable_progress_bar=False,
             use_distributed_sampler=False,
-            callbacks=[timer, ExportTeacher(out / f"{stage}_teacher.pth")],
+            callbacks=[timer, ExportTeacher(out / f"{stage}_teacher.pth"), DataWaitMonitor()],
             profiler=SimpleProfiler(dirpath=out, filename=f"profiler_{stage}"),  # the waits for batches
         )
         start = time.perf_counter()
