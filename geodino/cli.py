@@ -425,8 +425,9 @@ LIGHTNING_COMMANDS = {
 def run_lightning(argv: Sequence[str]) -> int:
     """``geodino fit|validate|distill --config recipe.yaml ...`` through LightningCLI. A checkpoint or raster
     that cannot be used (a previous stage's file missing, unreadable or of other networks; a ``ckpt_path``
-    to resume from that is missing or cut short), and a run that diverged, are reported in one line naming
-    the file or the steps and the fix, without a traceback."""
+    to resume from that is missing or cut short), a run that diverged and a GPU out of memory are reported
+    in one line naming the file or the steps and the fix, without a traceback."""
+    import torch
     from lightning.pytorch.cli import LightningCLI
 
     from geodino import train
@@ -463,6 +464,13 @@ def run_lightning(argv: Sequence[str]) -> int:
             )
         except (CheckpointError, RasterFileError, train.TrainingDiverged) as err:
             return _error(str(err))
+        except torch.OutOfMemoryError as err:
+            return _error(
+                f"out of GPU memory ({str(err).splitlines()[0]}). Per GPU, lower --data.batch_size, keep "
+                "fewer activations with --model.activation_checkpointing=selective (ViT-L/16 at batch 128 on "
+                "an H200: 89.5 -> 56.6 GiB) or =true, or shard the networks over several GPUs with "
+                "--trainer.strategy=fsdp"
+            )
     return 0
 
 

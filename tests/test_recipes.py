@@ -16,7 +16,7 @@ from geodino.cli import main
 from geodino.data import ChipListSampler, ChipRef
 from geodino.models import build_backbone
 from geodino.models.checkpoint import read_state_dict
-from geodino.train import Schedule
+from geodino.train import DINOv3Module, Schedule
 from geodino.train.data import ResolutionBatchSampler
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -67,6 +67,25 @@ def test_a_diverging_run_stops_with_one_line_and_exports_nothing(tmp_path: Path,
     assert "geodino: error: DINOv3Module: 3 optimizer steps in a row before step 4 had NaN" in err
     assert "lower lr" in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "pretrain_tiny" / "teacher_checkpoint.pth").exists()
+
+
+def test_out_of_memory_says_what_to_lower(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A GPU out of memory (raised here by the training step, as CUDA's allocator raises it) ends in one line
+    with torch's first line and the settings that need less memory."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs")
+    cogeo = str(shared_path("data", "rasters", "cogeo.tif"))
+    assert main(["index", cogeo, "--bands", "1", "2", "3", "--out", "runs/corpus.parquet"]) == 0
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+
+    monkeypatch.setattr(DINOv3Module, "training_step", out_of_memory)
+    assert main(["fit", "--config", str(RECIPES / "pretrain_tiny.yaml"), "--data.num_workers=0"]) == 2
+    err = capsys.readouterr().err
+    assert "geodino: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.)" in err
+    assert "--data.batch_size" in err and "activation_checkpointing=selective" in err
+    assert "Traceback" not in err
 
 
 def test_resume_keeps_the_command_line_settings_and_refuses_a_cut_checkpoint(
