@@ -425,9 +425,11 @@ LIGHTNING_COMMANDS = {
 def run_lightning(argv: Sequence[str]) -> int:
     """``geodino fit|validate|distill --config recipe.yaml ...`` through LightningCLI. A checkpoint or raster
     that cannot be used (a previous stage's file missing, unreadable or of other networks; a ``ckpt_path``
-    to resume from that is missing or cut short), a run that diverged and a GPU out of memory are reported
-    in one line naming the file or the steps and the fix, without a traceback."""
+    to resume from that is missing or cut short), a run that diverged, a GPU out of memory and a Trainer
+    setting this machine cannot run (a GPU recipe without a GPU) are reported in one line naming the file or
+    the steps and the fix, without a traceback."""
     import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
     from geodino import train
@@ -464,6 +466,12 @@ def run_lightning(argv: Sequence[str]) -> int:
             )
         except (CheckpointError, RasterFileError, train.TrainingDiverged) as err:
             return _error(str(err))
+        except MisconfigurationException as err:  # a Trainer setting that this machine cannot run
+            hint = (
+                "; the recipe asks for GPUs (trainer.accelerator: gpu) and torch finds none here: run it on "
+                "a GPU machine, or here a tiny recipe (or --trainer.accelerator=cpu --trainer.devices=1)"
+            )
+            return _error(f"{err}{hint if 'gpu' in str(err).lower() else ''}")
         except torch.OutOfMemoryError as err:
             return _error(
                 f"out of GPU memory ({str(err).splitlines()[0]}). Per GPU, lower --data.batch_size, keep "

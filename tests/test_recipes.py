@@ -69,6 +69,15 @@ def test_a_diverging_run_stops_with_one_line_and_exports_nothing(tmp_path: Path,
     assert not (tmp_path / "runs" / "pretrain_tiny" / "teacher_checkpoint.pth").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_recipe_without_a_gpu_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(RECIPES / "pretrain_vitl16_sat.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "geodino: error: No supported gpu backend found!; the recipe asks for GPUs" in err
+    assert "--trainer.accelerator=cpu" in err and "Traceback" not in err
+
+
 def test_out_of_memory_says_what_to_lower(tmp_path: Path, monkeypatch, capsys) -> None:
     """A GPU out of memory (raised here by the training step, as CUDA's allocator raises it) ends in one line
     with torch's first line and the settings that need less memory."""

@@ -151,9 +151,14 @@ class SSLModule(L.LightningModule):
     # ------------------------------------------------------------------ modes and schedules
 
     def on_fit_start(self) -> None:
-        """Quiets Lightning's "modules in eval mode at the start of training" warning when those modules are
-        exactly the :meth:`frozen_networks` (in eval by design); a trained module left in eval is still
-        reported (the filter matches only this count of modules)."""
+        """Refuses an optimizer that cannot skip a step on the device (:meth:`configure_gradient_clipping`),
+        and quiets Lightning's "modules in eval mode at the start of training" warning when those modules
+        are exactly the :meth:`frozen_networks` (in eval by design); a trained module left in eval is still
+        reported (the filter matches only this count of modules).
+
+        Raises:
+            TypeError: An optimizer without ``found_inf`` support (not fused).
+        """
         for optimizer in self.trainer.optimizers:
             # the attribute torch.amp.GradScaler checks before passing found_inf to an optimizer
             if not getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -172,9 +177,9 @@ class SSLModule(L.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuses a checkpoint to resume from whose networks do not fit this run's (the run now takes its
-        settings from the recipe and the command line, not from the checkpoint), listing the keys that do
-        not fit and the settings that differ from the checkpoint's.
+        """Refuses a checkpoint to resume from whose networks do not fit this run's, listing the keys that do
+        not fit and the settings that differ from the checkpoint's. (``geodino fit --ckpt_path`` takes the
+        settings from the recipe and the command line, not from the checkpoint; see :mod:`geodino.cli`.)
 
         Skipped under FSDP, where the expected shapes would have to be gathered; the load itself then
         fails on a mismatch.
