@@ -12,6 +12,7 @@ import copy
 import math
 import re
 import warnings
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from conftest import shared_path
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from rasterio.windows import Window
 from torch.utils.data import DataLoader
 
@@ -376,6 +378,42 @@ def test_skipped_steps_in_a_row_stop_the_run_before_the_export(chips, tmp_path, 
         fit(module, batches, 4, trainer_kwargs={"callbacks": [export], "log_every_n_steps": log_every})
     assert all(torch.equal(start[k], v) for k, v in params_of(module.student).items())
     assert not (tmp_path / "teacher_checkpoint.pth").exists()
+
+
+def grad_scaler(init_scale: float) -> MixedPrecision:
+    """``16-mixed`` with a ``GradScaler`` on the CPU (Lightning makes one only for CUDA)."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+def test_16_mixed_clips_unscaled_gradients(chips) -> None:
+    """Lightning leaves a fused optimizer's gradients scaled until its step; the norms (and so the clipping)
+    are those of the unscaled gradients, as in float32 (scaled, they would be 1024 times larger)."""
+    batches = make_batches(chips, 1)
+    norms = {}
+    for name, plugins in (("float32", []), ("16-mixed", [grad_scaler(2.0**10)])):
+        module = tiny_module()
+        fit(module, batches, 1, trainer_kwargs={"plugins": plugins})
+        norms[name] = {k: float(v) for k, v in module.trainer.callback_metrics.items() if "grad_norm" in k}
+    assert len(norms["float32"]) == 3
+    # float16 rounding moves them by up to ~12 % here (the heads' norms); scaled, they would be x1024
+    assert norms["16-mixed"] == pytest.approx(norms["float32"], rel=0.25)
+
+
+@pytest.mark.parametrize(("init_scale", "stops"), [(2.0**16, False), (4.0, True)])
+def test_16_mixed_stops_only_once_the_scale_is_below_one(chips, init_scale, stops) -> None:
+    """Every step NaN under a GradScaler: each is skipped and halves the scale. From 2^16 the scale stays
+    above 1 over these 5 steps (overflows that scaling may explain); from 4 it is 0.5 after step 2, and the
+    run stops at the next check."""
+    batches = [poisoned(b) for b in make_batches(chips, 5)]
+    module = tiny_module(max_skipped_steps=2)
+    start = params_of(module.student)
+    run = partial(fit, module, batches, 5, trainer_kwargs={"plugins": [grad_scaler(init_scale)]})
+    if stops:
+        with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row before step 3"):
+            run()
+    else:
+        run()
+    assert all(torch.equal(start[k], v) for k, v in params_of(module.student).items())
 
 
 def test_an_optimizer_that_cannot_skip_is_refused(chips) -> None:

@@ -275,7 +275,7 @@ class SSLModule(L.LightningModule):
             # device tensor that is a host sync draining the GPU's queue. The bar gets a CPU copy of the
             # loss, made (one sync) only on the steps that write the logs.
             self.log("loss", losses["loss"].detach().cpu(), prog_bar=True, logger=False, batch_size=n_images)
-            self.nonfinite.check(type(self).__name__, step)  # the host waits for the GPU here already
+            self._check_skipped_steps(step)  # the host waits for the GPU here already
         self.log("train/skipped_steps", self.nonfinite.total, batch_size=n_images)
         terms = {name: value.detach() for name, value in losses.items() if name != "loss"}
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=n_images)
@@ -287,7 +287,22 @@ class SSLModule(L.LightningModule):
         """Checks the steps after the last log for a run of skipped steps, as :meth:`training_step` does on
         the steps that log. Runs before the epoch's checkpoint and the teacher's export, so a diverged run
         stops without exporting."""
-        self.nonfinite.check(type(self).__name__, self.global_step)
+        self._check_skipped_steps(self.global_step)
+
+    def _check_skipped_steps(self, step: int) -> None:
+        """:meth:`NonFiniteSteps.check`. Under ``16-mixed`` the ``GradScaler`` skips the steps whose scaled
+        gradients overflow and halves its scale until they fit, so runs of them are its normal working: they
+        stop the run only once the scale has fallen below 1, where no overflow of scaling is left to blame.
+        """
+        scaler = self._grad_scaler()
+        stop = scaler is None or scaler.get_scale() < 1.0
+        self.nonfinite.check(type(self).__name__, step, stop=stop)
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The ``GradScaler`` of the trainer's precision (``16-mixed``), or None."""
+        if self._trainer is None:
+            return None
+        return getattr(self._trainer.precision_plugin, "scaler", None)
 
     def _log_every_n_steps(self) -> int:
         """The trainer's ``log_every_n_steps``; 1 when the module runs without a trainer."""
@@ -324,6 +339,11 @@ class SSLModule(L.LightningModule):
                 f"{name} clips per sub-module: set {name}(clip_grad=...) instead of "
                 f"Trainer(gradient_clip_val={gradient_clip_val})"
             )
+        scaler = self._grad_scaler()
+        if scaler is not None:
+            # Lightning leaves a fused optimizer's gradients scaled (its step unscales them); the norms and
+            # the clipping need them unscaled. The scaler's own step then skips an overflowing step.
+            scaler.unscale_(optimizer)
         sharded = grads_sharded(self)
         norms = []
         for metric, module in self.clipped_networks():

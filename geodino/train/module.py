@@ -163,7 +163,8 @@ class DINOv3Module(SSLModule):
             state and the EMA networks stay as they were (:mod:`~geodino.train.nonfinite`). This many
             skipped steps in a row stop the run with :class:`~geodino.train.nonfinite.TrainingDiverged` (3:
             the official training aborts at the third NaN loss in a row), checked when the logs are written
-            (``Trainer(log_every_n_steps)``) and at the end of every epoch.
+            (``Trainer(log_every_n_steps)``) and at the end of every epoch. Under ``16-mixed``, whose
+            ``GradScaler`` skips overflowing steps while it lowers its scale, only once the scale is below 1.
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
         activation_checkpointing: Recompute the student's block activations in the backward pass instead of
             keeping them (:func:`~geodino.train.base.checkpoint_blocks`), with the same gradients (drop-path

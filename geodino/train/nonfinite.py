@@ -75,7 +75,7 @@ class NonFiniteSteps:
         self.counts = torch.stack([run, torch.maximum(counts[1], run), counts[2] + self.found])
         return self.found
 
-    def check(self, owner: str, step: int) -> None:
+    def check(self, owner: str, step: int, *, stop: bool = True) -> None:
         """Stops the run if ``max_consecutive`` steps in a row were skipped since the last check.
 
         Reads three numbers from the device, so it waits for the steps before it: call it where the host
@@ -84,13 +84,15 @@ class NonFiniteSteps:
         Args:
             owner: The module's name, for the message.
             step: The step being run (the checked steps are those before it).
+            stop: False where runs of skipped steps are expected (a ``GradScaler`` still lowering its
+                scale): the runs seen so far are then let pass.
 
         Raises:
             TrainingDiverged: With the number of steps skipped and what to change.
         """
         _, longest, total = (int(value) for value in self.counts.tolist())
         self.counts = torch.stack([self.counts[0], self.counts[0], self.counts[2]])
-        if longest < self.max_consecutive:
+        if longest < self.max_consecutive or not stop:
             return
         raise TrainingDiverged(
             f"{owner}: {longest} optimizer steps in a row before step {step} had NaN or infinite gradients "
