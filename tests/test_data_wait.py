@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -49,7 +50,11 @@ class OneSecondSteps(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(fetch_s: float, steps: int = 80) -> tuple[float, list[str]]:
+def fit(
+    fetch_s: float, steps: int = 80, checkpoint: Path | None = None, ckpt_path: Path | None = None
+) -> tuple[float, list[str]]:
+    """Trains ``steps`` steps (from ``ckpt_path`` if given, saving ``checkpoint`` at the end if given);
+    returns the last logged share and the warnings."""
     clock = Clock()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -64,7 +69,9 @@ def fit(fetch_s: float, steps: int = 80) -> tuple[float, list[str]]:
     loader = DataLoader(SlowChips(clock, fetch_s), batch_size=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(OneSecondSteps(clock), loader)
+        trainer.fit(OneSecondSteps(clock), loader, ckpt_path=ckpt_path)
+    if checkpoint is not None:
+        trainer.save_checkpoint(checkpoint)
     advice = [str(w.message) for w in caught if "waited for batches" in str(w.message)]
     return float(trainer.callback_metrics["train/data_wait"]), advice
 
@@ -74,6 +81,16 @@ def test_share_of_time_waiting_and_one_warning_after_the_warm_up() -> None:
     assert share == pytest.approx(0.75)  # 3 s of every 4 s, steps 76-80
     assert len(advice) == 1 and "75% of the time over steps 21-70" in advice[0]
     assert "data.num_workers" in advice[0] and "photometric_on=device" in advice[0]
+
+
+def test_a_resumed_run_is_judged_after_its_own_warm_up(tmp_path) -> None:
+    """The judged steps count from where the run (re)starts: a run resumed at step 80 is judged over steps
+    101-150."""
+    first = fit(fetch_s=3.0, steps=80, checkpoint=tmp_path / "step80.ckpt")
+    assert len(first[1]) == 1
+    share, advice = fit(fetch_s=3.0, steps=160, ckpt_path=tmp_path / "step80.ckpt")
+    assert share == pytest.approx(0.75)
+    assert len(advice) == 1 and "75% of the time over steps 101-150" in advice[0]
 
 
 def test_a_loader_that_keeps_up_gives_no_warning() -> None:

@@ -54,8 +54,8 @@ class DataWaitMonitor(L.Callback):
 
     Args:
         threshold: Share of the time above which it warns (once per run, on global rank 0).
-        warmup_steps: Steps left out of the decision (the first batches also wait for the workers to start,
-            the first steps for compilation).
+        warmup_steps: Steps of a run (or of a resumed run) left out of the decision (the first batches also
+            wait for the workers to start, the first steps for compilation).
         window_steps: Steps after the warm-up over which the share is judged, once.
         clock: Seconds, monotonic (``time.perf_counter``).
     """
@@ -71,9 +71,13 @@ class DataWaitMonitor(L.Callback):
         self.warmup_steps = warmup_steps
         self.window_steps = window_steps
         self.clock = clock
-        self.on_train_start()
+        self._reset(first_step=0)
 
-    def on_train_start(self, *args: Any) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset(first_step=trainer.global_step)  # a resumed run starts counting again
+
+    def _reset(self, first_step: int) -> None:
+        self._first_step = first_step
         self._step_end = self.clock()  # the end of the last batch's step
         self._wait = 0.0  # the current batch's wait
         self._logged = [0.0, 0.0]  # seconds waited, and in all, since the last log
@@ -89,11 +93,12 @@ class DataWaitMonitor(L.Callback):
         step = trainer.global_step  # optimizer steps done: the logs are written when it reaches a multiple
         self._logged[0] += self._wait
         self._logged[1] += spent
-        if self.warmup_steps < step and self._judged[2] < self.window_steps:
+        after_warmup = step - self._first_step - self.warmup_steps
+        if after_warmup > 0 and self._judged[2] < self.window_steps:
             self._judged[0] += self._wait
             self._judged[1] += spent
-            self._judged[2] = step - self.warmup_steps
-            if self._judged[2] == self.window_steps:
+            self._judged[2] = after_warmup
+            if after_warmup == self.window_steps:
                 self._judge(trainer)
         if step % trainer.log_every_n_steps or step == self._logged_step:  # (once under accumulation)
             return
@@ -111,7 +116,8 @@ class DataWaitMonitor(L.Callback):
         settings = getattr(trainer.datamodule, "hparams", {})
         rank_zero_warn(
             f"the training loop waited for batches {share:.0%} of the time over steps "
-            f"{self.warmup_steps + 1}-{trainer.global_step}: the DataLoader workers do not keep up. Raise "
+            f"{trainer.global_step - self.window_steps + 1}-{trainer.global_step}: the DataLoader workers do "
+            "not keep up. Raise "
             f"data.num_workers (now {settings.get('num_workers', '?')}), set data.photometric_on=device "
             f"(now {settings.get('photometric_on', '?')}; on a GPU the colour operations then run there), "
             "or train on a chip store (geodino chips) instead of the rasters"
