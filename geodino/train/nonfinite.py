@@ -16,7 +16,9 @@ with :class:`TrainingDiverged` after ``max_consecutive`` skipped steps in a row.
 
 The decision needs the same flag on every process: the norms are those of the gradients after DDP's
 all-reduce, or summed over FSDP's shards (:func:`~geodino.train.base.clip_grad_norm`), so a NaN on one rank
-skips the step on all of them.
+skips the step on all of them. Under ``16-mixed`` the ``GradScaler`` passes its own ``found_inf``, found on
+the same unscaled gradients, and its runs of overflowing steps stop a run only once its scale is below 1
+(:class:`~geodino.train.base.SSLModule`).
 """
 
 from __future__ import annotations
