@@ -474,10 +474,10 @@ def run_lightning(argv: Sequence[str]) -> int:
             return _error(f"{err}{hint if 'gpu' in str(err).lower() else ''}")
         except torch.OutOfMemoryError as err:
             return _error(
-                f"out of GPU memory ({str(err).splitlines()[0]}). Per GPU, lower --data.batch_size, keep "
-                "fewer activations with --model.activation_checkpointing=selective (ViT-L/16 at batch 128 on "
-                "an H200: 89.5 -> 56.6 GiB) or =true, or shard the networks over several GPUs with "
-                "--trainer.strategy=fsdp"
+                f"out of GPU memory ({next(iter(str(err).splitlines()), '')}). Per GPU, lower "
+                "--data.batch_size, keep fewer activations with --model.activation_checkpointing=selective "
+                "(ViT-L/16 at batch 128 on an H200: 89.5 -> 56.6 GiB) or =true, or shard the networks over "
+                "several GPUs with --trainer.strategy=fsdp"
             )
     return 0
 

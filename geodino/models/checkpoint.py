@@ -70,13 +70,13 @@ def read_checkpoint(path: str | os.PathLike) -> object:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any decoder failure means the same thing to the user: a bad file
         raise CheckpointError(
-            f"{path}: cannot read as a PyTorch/safetensors checkpoint ({load_error_reason(err)}). "
+            f"{path}: cannot read as a PyTorch/safetensors checkpoint ({_load_error_reason(err)}). "
             "The file may be truncated or not a checkpoint; download it again or check the path."
         ) from err
     return obj
 
 
-def load_error_reason(err: Exception) -> str:
+def _load_error_reason(err: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` or safetensors failed, in one line.
 
     The weights-only unpickler's own message advises loading again with ``weights_only=False``: for a file
@@ -88,7 +88,8 @@ def load_error_reason(err: Exception) -> str:
             "it holds Python objects other than tensors and plain containers, or is corrupt; "
             "geodino does not unpickle such objects, since a checkpoint can run code when it is unpickled"
         )
-    return f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+    first_line = next(iter(str(err).strip().splitlines()), "")
+    return f"{type(err).__name__}: {first_line}"
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
