@@ -425,9 +425,10 @@ LIGHTNING_COMMANDS = {
 def run_lightning(argv: Sequence[str]) -> int:
     """``geodino fit|validate|distill --config recipe.yaml ...`` through LightningCLI. A checkpoint or raster
     that cannot be used (a previous stage's file missing, unreadable or of other networks; a ``ckpt_path``
-    to resume from that is missing or cut short), a run that diverged, a GPU out of memory and a Trainer
-    setting this machine cannot run (a GPU recipe without a GPU) are reported in one line naming the file or
-    the steps and the fix, without a traceback."""
+    to resume from that is missing or cut short; a corpus missing or of other bands), a setting refused by
+    a constructor, a run that diverged, a GPU out of memory and a Trainer setting this machine cannot run (a
+    GPU recipe without a GPU) are reported in one line naming the file or the steps and the fix, without a
+    traceback."""
     import torch
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
@@ -465,6 +466,8 @@ def run_lightning(argv: Sequence[str]) -> int:
                 save_config_kwargs={"overwrite": True},
             )
         except (CheckpointError, RasterFileError, train.TrainingDiverged) as err:
+            return _error(str(err))
+        except (FileNotFoundError, ValueError) as err:  # a setting or input refused, e.g. a missing corpus
             return _error(str(err))
         except MisconfigurationException as err:  # a Trainer setting that this machine cannot run
             hint = (

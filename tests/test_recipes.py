@@ -69,6 +69,22 @@ def test_a_diverging_run_stops_with_one_line_and_exports_nothing(tmp_path: Path,
     assert not (tmp_path / "runs" / "pretrain_tiny" / "teacher_checkpoint.pth").exists()
 
 
+def test_a_missing_or_mismatched_corpus_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
+    """No corpus yet, then a corpus of 4 bands for a 3-band preset: one line each, naming the fix."""
+    monkeypatch.chdir(tmp_path)
+    fit = ["fit", "--config", str(RECIPES / "pretrain_tiny.yaml"), "--data.num_workers=0"]
+    assert main(fit) == 2
+    err = capsys.readouterr().err
+    assert "geodino: error: runs/corpus.parquet: no such corpus; write one with `geodino index`" in err
+    rgbn = str(shared_path("data", "rasters", "rgbn.tif"))
+    assert main(["index", rgbn, "--out", "runs/corpus.parquet"]) == 0
+    capsys.readouterr()
+    assert main(fit) == 2
+    err = capsys.readouterr().err
+    assert "runs/corpus.parquet reads 4 bands but the normalisation has 3 values" in err
+    assert "geodino index --bands" in err and "Traceback" not in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_recipe_without_a_gpu_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
