@@ -126,9 +126,11 @@ def test_resume_keeps_the_command_line_settings_and_refuses_a_cut_checkpoint(
     assert main(["index", cogeo, "--bands", "1", "2", "3", "--out", "runs/corpus.parquet"]) == 0
     fit = ["fit", "--config", str(RECIPES / "pretrain_tiny.yaml"), "--data.num_workers=0"]
     last = tmp_path / "runs" / "pretrain_tiny" / "checkpoints" / "last.ckpt"
-    assert main([*fit, "--trainer.max_steps=2"]) == 0
+    # a job that may be restarted passes ckpt_path=last: the first run starts from step 0 (no checkpoint
+    # yet), a restarted one continues from the newest last.ckpt
+    assert main([*fit, "--trainer.max_steps=2", "--ckpt_path=last"]) == 0
     lower = {"start": 0.0, "peak": 5e-4, "warmup": 10}  # the recipe's peak is 1e-3
-    resume = [f"--ckpt_path={last}", f"--model.lr={json.dumps(lower)}"]
+    resume = ["--ckpt_path=last", f"--model.lr={json.dumps(lower)}"]
     assert main([*fit, "--trainer.max_steps=3", *resume]) == 0
     resumed = torch.load(last, weights_only=True)
     assert resumed["global_step"] == 3 and resumed["hyper_parameters"]["lr"] == lower
