@@ -22,6 +22,17 @@ from geodino.train.data import ResolutionBatchSampler
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+@pytest.fixture
+def cogeo_corpus(tmp_path: Path, monkeypatch) -> Path:
+    """``tmp_path`` as the working folder, holding the tiny recipe's ``runs/corpus.parquet`` of one shared
+    raster (bands 1-3)."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs")
+    cogeo = str(shared_path("data", "rasters", "cogeo.tif"))
+    assert main(["index", cogeo, "--bands", "1", "2", "3", "--out", "runs/corpus.parquet"]) == 0
+    return tmp_path / "runs" / "corpus.parquet"
+
+
 def test_recipes_are_valid_yaml_for_the_cli() -> None:
     for recipe in RECIPES.glob("*.yaml"):
         config = yaml.safe_load(recipe.read_text())
@@ -50,17 +61,12 @@ def test_a_stage_without_its_previous_stage_says_so(tmp_path: Path, monkeypatch,
     assert "run that stage first" in err and "Traceback" not in err
 
 
-def test_a_diverging_run_stops_with_one_line_and_exports_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_diverging_run_stops_with_one_line_and_exports_nothing(
+    tmp_path: Path, cogeo_corpus, capsys
+) -> None:
     """The tiny pretraining at a learning rate of 1e10: after the first step every loss is NaN, those steps
     are skipped, and the run stops at the first log (step 4) with the fix, without a traceback and
     without a teacher export that a next stage could take for a finished one."""
-    rasters = shared_path("data", "rasters")
-    monkeypatch.chdir(tmp_path)
-    os.makedirs("runs")
-    assert (
-        main(["index", str(rasters / "cogeo.tif"), "--bands", "1", "2", "3", "--out", "runs/corpus.parquet"])
-        == 0
-    )
     too_high = ['--model.lr={"start": 1e10, "peak": 1e10}', "--trainer.max_steps=8", "--data.num_workers=0"]
     assert main(["fit", "--config", str(RECIPES / "pretrain_tiny.yaml"), *too_high]) == 2
     err = capsys.readouterr().err
@@ -94,13 +100,9 @@ def test_a_gpu_recipe_without_a_gpu_says_so(tmp_path: Path, monkeypatch, capsys)
     assert "--trainer.accelerator=cpu" in err and "Traceback" not in err
 
 
-def test_out_of_memory_says_what_to_lower(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_out_of_memory_says_what_to_lower(cogeo_corpus, monkeypatch, capsys) -> None:
     """A GPU out of memory (raised here by the training step, as CUDA's allocator raises it) ends in one line
     with torch's first line and the settings that need less memory."""
-    monkeypatch.chdir(tmp_path)
-    os.makedirs("runs")
-    cogeo = str(shared_path("data", "rasters", "cogeo.tif"))
-    assert main(["index", cogeo, "--bands", "1", "2", "3", "--out", "runs/corpus.parquet"]) == 0
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
@@ -114,16 +116,12 @@ def test_out_of_memory_says_what_to_lower(tmp_path: Path, monkeypatch, capsys) -
 
 
 def test_resume_keeps_the_command_line_settings_and_refuses_a_cut_checkpoint(
-    tmp_path: Path, monkeypatch, capsys
+    tmp_path: Path, cogeo_corpus, capsys
 ) -> None:
     """``--ckpt_path`` resumes the run's state with the settings of the recipe and the command line: a lower
     lr given to resume takes effect (LightningCLI alone would put the checkpoint's back). Network settings
     that do not fit the checkpoint, and a missing or cut short ``ckpt_path``, get one line naming the file
     and what differs."""
-    monkeypatch.chdir(tmp_path)
-    os.makedirs("runs")
-    cogeo = str(shared_path("data", "rasters", "cogeo.tif"))
-    assert main(["index", cogeo, "--bands", "1", "2", "3", "--out", "runs/corpus.parquet"]) == 0
     fit = ["fit", "--config", str(RECIPES / "pretrain_tiny.yaml"), "--data.num_workers=0"]
     last = tmp_path / "runs" / "pretrain_tiny" / "checkpoints" / "last.ckpt"
     # a job that may be restarted passes ckpt_path=last: the first run starts from step 0 (no checkpoint

@@ -162,12 +162,8 @@ class DistillationModule(SSLModule):
         betas: AdamW betas.
         clip_grad: Max gradient norm, applied separately to each student's backbone, DINO head and iBOT head;
             None or 0 = no clipping. Use this, not ``Trainer(gradient_clip_val)``.
-        max_skipped_steps: A step whose gradients are NaN or infinite is skipped: the weights, the AdamW
-            state and the EMA networks stay as they were (:mod:`~geodino.train.nonfinite`). This many
-            skipped steps in a row stop the run with :class:`~geodino.train.nonfinite.TrainingDiverged` (3:
-            the official training aborts at the third NaN loss in a row), checked when the logs are written
-            (``Trainer(log_every_n_steps)``) and at the end of every epoch. Under ``16-mixed``, whose
-            ``GradScaler`` skips overflowing steps while it lowers its scale, only once the scale is below 1.
+        max_skipped_steps: Skipped steps (NaN or infinite gradients) in a row that stop the run, as for
+            :class:`~geodino.train.module.DINOv3Module`.
         seed: Base of the per-step RNG seed (see :meth:`training_step`).
         activation_checkpointing: Recompute the students' block activations in the backward pass
             (:func:`~geodino.train.base.checkpoint_blocks`): less memory, the same gradients. True: all of
