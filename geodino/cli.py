@@ -434,8 +434,6 @@ def run_lightning(argv: Sequence[str]) -> int:
     from lightning.pytorch.cli import LightningCLI
 
     from geodino import train
-    from geodino.data import RasterFileError
-    from geodino.models import CheckpointError
     from geodino.train.base import check_resume_checkpoint
 
     class ResumeAsConfigured(LightningCLI):
@@ -465,9 +463,8 @@ def run_lightning(argv: Sequence[str]) -> int:
                 trainer_defaults={"use_distributed_sampler": False},
                 save_config_kwargs={"overwrite": True},
             )
-        except (CheckpointError, RasterFileError, train.TrainingDiverged) as err:
-            return _error(str(err))
-        except (FileNotFoundError, ValueError) as err:  # a setting or input refused, e.g. a missing corpus
+        # a file or setting refused (CheckpointError and RasterFileError are ValueErrors), a diverged run
+        except (FileNotFoundError, ValueError, train.TrainingDiverged) as err:
             return _error(str(err))
         except MisconfigurationException as err:  # a Trainer setting that this machine cannot run
             hint = (

@@ -80,8 +80,9 @@ class DataWaitMonitor(L.Callback):
         self._first_step = first_step
         self._step_end = self.clock()  # the end of the last batch's step
         self._wait = 0.0  # the current batch's wait
-        self._logged = [0.0, 0.0]  # seconds waited, and in all, since the last log
-        self._judged = [0.0, 0.0, 0.0]  # the same after the warm-up, and the steps they cover
+        self._log_wait = self._log_time = 0.0  # seconds waited, and in all, since the last log
+        self._window_wait = self._window_time = 0.0  # the same over the judged steps
+        self._judged = False
         self._logged_step = -1
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -91,34 +92,32 @@ class DataWaitMonitor(L.Callback):
         now = self.clock()
         spent, self._step_end = now - self._step_end, now
         step = trainer.global_step  # optimizer steps done: the logs are written when it reaches a multiple
-        self._logged[0] += self._wait
-        self._logged[1] += spent
+        self._log_wait += self._wait
+        self._log_time += spent
         after_warmup = step - self._first_step - self.warmup_steps
-        if after_warmup > 0 and self._judged[2] < self.window_steps:
-            self._judged[0] += self._wait
-            self._judged[1] += spent
-            self._judged[2] = after_warmup
+        if after_warmup > 0 and not self._judged:
+            self._window_wait += self._wait
+            self._window_time += spent
             if after_warmup == self.window_steps:
+                self._judged = True
                 self._judge(trainer)
         if step % trainer.log_every_n_steps or step == self._logged_step:  # (once under accumulation)
             return
         self._logged_step = step
-        pl_module.log("train/data_wait", self._logged[0] / max(self._logged[1], 1e-9))
-        self._logged = [0.0, 0.0]
+        pl_module.log("train/data_wait", self._log_wait / max(self._log_time, 1e-9))
+        self._log_wait = self._log_time = 0.0
 
     def _judge(self, trainer: L.Trainer) -> None:
         """Warns, with the settings of :class:`~geodino.train.data.PretrainDataModule` to change, if the loop
         waited more than ``threshold`` of the judged steps' time."""
-        waited, spent, _ = self._judged
-        share = waited / max(spent, 1e-9)
+        share = self._window_wait / max(self._window_time, 1e-9)
         if share <= self.threshold:
             return
         settings = getattr(trainer.datamodule, "hparams", {})
         rank_zero_warn(
             f"the training loop waited for batches {share:.0%} of the time over steps "
             f"{trainer.global_step - self.window_steps + 1}-{trainer.global_step}: the DataLoader workers do "
-            "not keep up. Raise "
-            f"data.num_workers (now {settings.get('num_workers', '?')}), set data.photometric_on=device "
-            f"(now {settings.get('photometric_on', '?')}; on a GPU the colour operations then run there), "
-            "or train on a chip store (geodino chips) instead of the rasters"
+            f"not keep up. Raise data.num_workers (now {settings.get('num_workers', '?')}), set "
+            f"data.photometric_on=device (now {settings.get('photometric_on', '?')}; on a GPU the colour "
+            "operations then run there), or train on a chip store (geodino chips) instead of the rasters"
         )
