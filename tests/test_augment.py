@@ -199,6 +199,8 @@ def test_invalid_configurations() -> None:
         MultiCropAugmentation(SAT_MEAN, SAT_STD, flips="vertical")
     with pytest.raises(ValueError, match="blur_probabilities"):
         MultiCropAugmentation(SAT_MEAN, SAT_STD, blur_probabilities=(0.0, 1.5, 0.5))
+    with pytest.raises(ValueError, match=r"local_crops_number must be >= 1.*got 0"):
+        MultiCropAugmentation(SAT_MEAN, SAT_STD, local_crops_number=0)
     aug = MultiCropAugmentation(SAT_MEAN, SAT_STD, global_crops_size=16, local_crops_size=8)
     with pytest.raises(ValueError, match="3 bands"):
         aug(torch.rand(4, 32, 32))

@@ -4,7 +4,7 @@ the rasters, or the chip store written from it (``geodino chips``) read from zar
 
 1. One epoch of the table trains on every chip exactly once, in the sampler's order, with the samples of
    :class:`MultiCropDataset` on the corpus; the store gives bit-identical batches (same pixels, scaling,
-   augmentation and masks); epochs differ in order.
+   augmentation and masks); epochs differ in order and in every chip's crops.
 2. Bad chip sets fail with the path and what to give: missing, not a chip table (the corpus file), a table
    of another corpus.
 3. ``photometric_on="device"``: the colour operations run on the transferred batch
@@ -17,13 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import geopandas as gpd
+import numpy as np
 import pytest
+import rasterio
 import torch
+from affine import Affine
 from conftest import shared_path
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from geodino.cli import main
-from geodino.data import CorpusDataset, RandomChipSampler, RasterCorpus, write_chip_store
+from geodino.data import CorpusDataset, RandomChipSampler, RasterCorpus, make_scene, write_chip_store
 from geodino.io import write_geoparquet
 from geodino.train.base import unpack_batch
 from geodino.train.data import MultiCropDataset, PretrainDataModule, SizedRef
@@ -86,7 +89,7 @@ def test_chip_table_and_store_give_the_same_epoch_of_every_chip(chip_set: dict[s
     assert len(batches) == CHIPS // BATCH
     # the first batch is MultiCropDataset's samples of the epoch's first chips, collated
     dataset = MultiCropDataset(from_table.corpus, from_table.augmentations, seed=from_table.hparams.seed)
-    want = from_table.collate([dataset[SizedRef(0, ref)] for ref in order[:BATCH]])
+    want = from_table.collate([dataset[SizedRef(0, ref, 0)] for ref in order[:BATCH]])
     for key, value in want.items():
         torch.testing.assert_close(batches[0][key], value, rtol=0, atol=0, msg=key)
     # the store holds the raw pixels of the same windows: identical batches, bit for bit
@@ -94,6 +97,13 @@ def test_chip_table_and_store_give_the_same_epoch_of_every_chip(chip_set: dict[s
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
     assert from_table.sampler.epoch_refs(1) != order  # a new order every epoch
+    # and new views of every chip: the epoch is part of each chip's augmentation seed
+    from_table.sampler.set_epoch(1)
+    assert {item.epoch for batch in from_table.train_dataloader().batch_sampler for item in batch} == {1}
+    for ref in order:
+        views = [dataset[SizedRef(0, ref, epoch)] for epoch in (0, 1, 1)]
+        assert not torch.equal(views[0]["global_crops"][0], views[1]["global_crops"][0])
+        assert torch.equal(views[1]["global_crops"][0], views[2]["global_crops"][0])
 
 
 def test_colour_on_the_device_gives_the_workers_batches(chip_set: dict[str, Path]) -> None:
@@ -151,3 +161,49 @@ def test_fit_on_a_chip_store_with_colour_on_the_device_through_the_cli(
     ]
     assert main(args) == 0
     assert (tmp_path / "teacher_checkpoint.pth").is_file()
+
+
+def write_reflectance(path: Path, nan_columns: int) -> None:
+    """A 3-band float32 reflectance raster in [0, 1] (128 px, UTM) whose first columns are NaN nodata."""
+    pixels = np.random.default_rng(0).uniform(0.05, 0.6, (3, 128, 128)).astype(np.float32)
+    pixels[:, :, :nan_columns] = np.nan
+    profile = {"driver": "GTiff", "width": 128, "height": 128, "count": 3, "dtype": "float32"}
+    transform = Affine(0.6, 0, 500_000, 0, -0.6, 4_000_000)
+    with rasterio.open(path, "w", **profile, crs="EPSG:32633", transform=transform, nodata=np.nan) as dst:
+        dst.write(pixels)
+
+
+def test_unscaled_corpus_nan_nodata_becomes_zero_and_integer_pixels_are_refused(
+    tmp_path: Path,
+) -> None:
+    write_reflectance(tmp_path / "reflectance.tif", nan_columns=40)
+    RasterCorpus.from_paths([tmp_path / "reflectance.tif"], scaling=None, progress=False).save(
+        tmp_path / "float.parquet"
+    )
+    dm = PretrainDataModule(
+        str(tmp_path / "float.parquet"),
+        preset="dinov3_vits16.lvd1689m",
+        batch_size=2,
+        chips_per_epoch=4,
+        chip_size=96,
+        num_workers=0,
+        **SIZES,
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    chips = [loader.dataset.chips[item.ref] for batch in loader.batch_sampler for item in batch]
+    assert any(np.isnan(chip.image).any() for chip in chips)  # the corpus hands the NaN on, unscaled
+    for batch in loader:
+        crops = {key: value for key, value in batch.items() if key.startswith("collated_")}
+        assert {"collated_global_crops", "collated_local_crops"} <= set(crops)
+        for key, value in crops.items():
+            assert torch.isfinite(value).all(), key
+
+    make_scene(tmp_path / "counts.tif", size=128, bands=3, dtype="uint16")
+    RasterCorpus.from_paths([tmp_path / "counts.tif"], scaling=None, progress=False).save(
+        tmp_path / "counts.parquet"
+    )
+    with pytest.raises(
+        ValueError, match=r"counts\.parquet was indexed without scaling.*uint16.*geodino index"
+    ):
+        PretrainDataModule(str(tmp_path / "counts.parquet"), preset="dinov3_vits16.lvd1689m").setup("fit")

@@ -181,7 +181,7 @@ def chip_fingerprints(corpus: Path, chips_per_epoch: int, n: int) -> tuple[torch
     datamodule.setup("fit")
     refs = datamodule.sampler.epoch_refs(0)[:n]
     dataset = MultiCropDataset(datamodule.corpus, datamodule.augmentations, seed=datamodule.hparams.seed)
-    return torch.stack([fingerprint(dataset[SizedRef(0, ref)]) for ref in refs]), refs
+    return torch.stack([fingerprint(dataset[SizedRef(0, ref, 0)]) for ref in refs]), refs
 
 
 def chip_indices(steps: list[dict[str, Any]], expected: torch.Tensor) -> list[int]:

@@ -167,6 +167,11 @@ class MultiCropAugmentation:
             )
         if not all(0.0 <= p <= 1.0 for p in blur_probabilities):
             raise ValueError(f"blur_probabilities must be in [0, 1], got {blur_probabilities}")
+        if local_crops_number < 1:
+            raise ValueError(
+                f"local_crops_number must be >= 1 (the DINO loss compares local crops with the global ones; "
+                f"official: 8), got {local_crops_number}"
+            )
         self.global_crops_size = global_crops_size
         self.local_crops_size = local_crops_size
         self.local_crops_number = local_crops_number
@@ -219,7 +224,8 @@ class MultiCropAugmentation:
                 f"expected a float [C, H, W] chip with C = {self.num_bands} bands (the length of mean/std), "
                 f"got {image.dtype} {tuple(image.shape)}"
             )
-        # the draws interleave as in the official pipeline: both global geometries, the global colours,
+        # the same draws as the official pipeline, in another order (same distribution): both global
+        # geometries, then both global colours (officially geometry and colour of each global crop in turn),
         # then geometry and colour of each local crop
         bases = [_clamp_unit(self.geometric_augmentation_global(image)) for _ in range(2)]
         resized = [_clamp_unit(self.resize_global(base)) for base in bases]

@@ -15,9 +15,9 @@ of global / local (/ Gram) crop sizes, every batch is made at one resolution, dr
 shares by :class:`ResolutionBatchSampler`; the draw depends on (seed, epoch, batch index) only, so all DDP
 ranks run the same resolution at the same step, as the official combined loader.
 
-Exact resume: the augmentation of a chip is drawn from an RNG seeded by (seed, chip), the masks of a batch
-from its chips' seeds and its resolution from its position, so a batch does not depend on which worker made
-it or on what came before; the sampler's position is saved in the checkpoint
+Exact resume: the augmentation of a chip is drawn from an RNG seeded by (seed, epoch, chip), the masks of a
+batch from its chips' seeds and its resolution from its position, so a batch does not depend on which worker
+made it or on what came before; the sampler's position is saved in the checkpoint
 (:meth:`PretrainDataModule.state_dict`). A resumed run therefore sees exactly the batches the uninterrupted
 run would have seen.
 
@@ -60,10 +60,13 @@ __all__ = [
 ]
 
 
-def chip_seed(seed: int, ref: ChipRef) -> int:
-    """A 63-bit seed from the run seed and a chip's raster and window (pixels)."""
+def chip_seed(seed: int, ref: ChipRef, epoch: int) -> int:
+    """A 63-bit seed from the run seed, a chip's raster and window (pixels) and the epoch.
+
+    The epoch is part of it so that a fixed chip set (``chips``) gets new crops, colours and masks every
+    epoch, as the official loader's RNG gives them, instead of the first epoch's views again."""
     w = ref.window
-    entropy = [seed, ref.raster, int(w.col_off), int(w.row_off), int(w.width), int(w.height)]
+    entropy = [seed, epoch, ref.raster, int(w.col_off), int(w.row_off), int(w.width), int(w.height)]
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
@@ -76,22 +79,24 @@ class Resolution(NamedTuple):
 
 
 class SizedRef(NamedTuple):
-    """A chip and the resolution (index into the data module's resolutions) to cut its crops at."""
+    """A chip, the resolution (index into the data module's resolutions) to cut its crops at and the epoch
+    it is drawn in (part of its augmentation's seed)."""
 
     resolution: int
     ref: ChipRef
+    epoch: int
 
 
 class MultiCropDataset(Dataset):
     """Chips of a corpus, indexed by :class:`SizedRef`, as multi-crop samples.
 
-    Nodata pixels (``Chip.valid`` False) are set to 0 after scaling, so padding and collars look the same
-    in every raster.
+    Nodata pixels (``Chip.valid`` False, NaN included) are set to 0 after scaling, so padding and collars
+    look the same in every raster.
 
     Args:
         corpus: The raster corpus (its scaling maps chips to [0, 1]).
         augmentations: One multi-crop augmentation per resolution; ``SizedRef.resolution`` picks one.
-        seed: Run seed; with the chip's window it seeds the chip's augmentation.
+        seed: Run seed; with the chip's window and the epoch it seeds the chip's augmentation.
         store: Read the chips from this chip store (written from ``corpus`` by ``geodino chips``) instead
             of the rasters. The pixels, hence the samples, are the same.
         store_refs: The refs of the store's chips, in store order (``corpus.refs(store.chips)``, computed
@@ -127,10 +132,10 @@ class MultiCropDataset(Dataset):
 
     def __getitem__(self, key: SizedRef) -> dict[str, Any]:
         if not isinstance(key, SizedRef):
-            raise TypeError(f"index a MultiCropDataset with SizedRef(resolution, ref), got {key!r}")
+            raise TypeError(f"index a MultiCropDataset with SizedRef(resolution, ref, epoch), got {key!r}")
         pixels, valid = self._read(key.ref)
-        image = torch.from_numpy(pixels) * torch.from_numpy(valid)
-        sample_seed = chip_seed(self.seed, key.ref)
+        image = torch.where(torch.from_numpy(valid), torch.from_numpy(pixels), 0.0)  # NaN nodata too
+        sample_seed = chip_seed(self.seed, key.ref, key.epoch)
         with torch.random.fork_rng(devices=[]):  # torchvision v2 draws from the global RNG
             torch.manual_seed(sample_seed)
             crops = self.augmentations[key.resolution](image)
@@ -210,8 +215,9 @@ class ResolutionBatchSampler(Sampler[list[SizedRef]]):
             refs.append(ref)
             if len(refs) == self.batch_size:
                 # the chip sampler's position counts whole batches, a resumed offset included
-                resolution = self.resolution(self.sampler.epoch, self.sampler.yielded // self.batch_size - 1)
-                yield [SizedRef(resolution, r) for r in refs]
+                epoch = self.sampler.epoch
+                resolution = self.resolution(epoch, self.sampler.yielded // self.batch_size - 1)
+                yield [SizedRef(resolution, r, epoch) for r in refs]
                 refs = []
 
 
@@ -370,6 +376,7 @@ class PretrainDataModule(L.LightningDataModule):
                     f"{self.num_bands} values; select bands with `geodino index --bands` or "
                     "give mean/std with one value per band"
                 )
+            self._check_scaled()
         if self.sampler is None:
             if self.hparams.chips is None:
                 self.sampler = RandomChipSampler(
@@ -384,6 +391,20 @@ class PretrainDataModule(L.LightningDataModule):
                 self.sampler = ChipListSampler(self.chip_set, seed=self.hparams.seed)
             if self._sampler_state is not None:
                 self.sampler.load_state_dict(self._sampler_state)
+
+    def _check_scaled(self) -> None:
+        """Refuses a corpus indexed without scaling whose rasters hold integers: the augmentation takes
+        [0, 1] pixels and would clip every count above 1 (a float corpus without scaling is taken as
+        reflectance in [0, 1])."""
+        if self.corpus.scaling is not None:
+            return
+        integer = sorted({d for d in self.corpus.index["dtype"] if np.issubdtype(np.dtype(d), np.integer)})
+        if integer:
+            raise ValueError(
+                f"{self.hparams.corpus} was indexed without scaling, but its rasters hold "
+                f"{', '.join(integer)} pixels, which the augmentation would clip to 1 (it takes [0, 1]); "
+                "index them with scaling (`geodino index` scales to the 2-98 % percentiles by default)"
+            )
 
     def _chip_set(self, path: str) -> list[ChipRef]:
         """The chips of a chip table or chip store of the corpus (opening the store into :attr:`store`)."""

@@ -33,7 +33,7 @@ class MaskingGenerator:
         max_num_patches: Largest area of one block; None means half the grid (the official
             ``0.5 * h * w``).
         min_num_patches: Smallest area of one block.
-        min_aspect: Smallest block aspect ratio (height / width).
+        min_aspect: Smallest block aspect ratio (width / height).
         max_aspect: Largest block aspect ratio; None means ``1 / min_aspect``.
     """
 
