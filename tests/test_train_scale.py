@@ -39,6 +39,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -53,6 +54,7 @@ from torch.distributed.fsdp import (
     FullStateDictConfig,
     FullyShardedDataParallel,
     OptimStateKeyType,
+    ShardingStrategy,
     StateDictType,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,8 +62,9 @@ from torch.utils.data import DataLoader
 
 from geodino.data import make_scene
 from geodino.train.augment import masked_patch_index
-from geodino.train.base import fsdp_inner
+from geodino.train.base import configure_fsdp, fsdp_inner
 from geodino.train.distill import DistillationModule
+from geodino.train.heads import DINOHead
 from geodino.train.masking import MaskingGenerator, sample_batch_masks
 from geodino.train.module import DINOv3Module
 from geodino.train.probe import DenseKNNProbe
@@ -422,6 +425,8 @@ def test_step_waits_for_no_device_value_given_the_collated_mask_indices(
 # ---------------------------------------------------------------- FSDP on CPU processes
 
 STEPS, WORLD = 3, 2
+#: the FSDP runs compared with DDP, by their ``compare`` mode name
+SHARDINGS = {"fsdp": "FULL_SHARD", "fsdp_grad_op": "SHARD_GRAD_OP"}
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -522,15 +527,15 @@ def distributed_fit(strategy: str, folder: Path) -> None:
     module = tiny_module(
         clip_grad=1e-3,  # below the gradient norms: clipping acts at every step
         gram_update_frequency=2,
-        activation_checkpointing=strategy == "fsdp",
-        compile=strategy == "fsdp",
+        activation_checkpointing=strategy in SHARDINGS,
+        compile=strategy in SHARDINGS,
     )
     batches = [random_batch(seed) for seed in range(WORLD * STEPS)]  # rank r gets r, r + 2, ...
     batches[WORLD + 1]["collated_global_crops"][0, 0, 0, 0] = float("nan")  # rank 1, step 1
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=CPUFSDPStrategy() if strategy == "fsdp" else "ddp",
+        strategy=CPUFSDPStrategy(sharding_strategy=SHARDINGS[strategy]) if strategy in SHARDINGS else "ddp",
         max_steps=STEPS,
         logger=False,
         enable_checkpointing=False,
@@ -543,7 +548,7 @@ def distributed_fit(strategy: str, folder: Path) -> None:
     )
     trainer.fit(module, DataLoader(batches, batch_size=None))
     assert int(module.gram_updates) == 1
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= (2 if strategy == "fsdp" else 0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= (2 if strategy in SHARDINGS else 0)
     trainer.save_checkpoint(folder / "last.ckpt")
 
 
@@ -555,18 +560,42 @@ def run_script(*args: str | Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
+def test_fsdp_settings_that_break_the_teacher_or_resume_are_handled() -> None:
+    """Under ``SHARD_GRAD_OP`` the teacher and Gram-teacher units reshard (FULL_SHARD; the 2-process run
+    below shows the EMA teacher then matches DDP's), hybrid sharding and sharded checkpoints are refused."""
+    module = tiny_module()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(sharding_strategy="SHARD_GRAD_OP"))
+    configure_fsdp(module)
+    unit = module._trainer.strategy.kwargs["auto_wrap_policy"]._lambda_fn
+    full_shard = {"sharding_strategy": ShardingStrategy.FULL_SHARD}
+    assert unit(module.teacher["backbone"].blocks[0]) == unit(module.gram_teacher["backbone"]) == full_shard
+    assert unit(module.student["backbone"].blocks[0]) is True and unit(module.student["dino_head"]) is True
+    assert unit(module.student["backbone"].blocks[0].mlp) is False
+    for strategy, refused in (
+        (
+            FSDPStrategy(sharding_strategy="HYBRID_SHARD", auto_wrap_policy={DINOHead}),
+            "sharding_strategy HYBRID_SHARD is not supported",
+        ),
+        (FSDPStrategy(state_dict_type="sharded"), "state_dict_type='sharded' is not supported.*'full'"),
+    ):
+        module._trainer = SimpleNamespace(strategy=strategy)
+        with pytest.raises(ValueError, match=refused):
+            configure_fsdp(module)
+
+
 @pytest.mark.slow
 def test_fsdp_matches_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     probe_scenes(tmp_path / "probe")
-    for strategy in ("ddp", "fsdp"):
+    for strategy in ("ddp", *SHARDINGS):
         run_script("compare", strategy, tmp_path / strategy)
     records = {
         s: [json.loads((tmp_path / s / f"rank{r}.json").read_text()) for r in range(WORLD)]
-        for s in ("ddp", "fsdp")
+        for s in ("ddp", *SHARDINGS)
     }
     full = records["ddp"][0]["student_elements"]
-    held = [record["student_elements"] for record in records["fsdp"]]
-    assert sum(held) == full and max(held) < full  # sharded: every element on exactly one rank
+    for sharded in SHARDINGS:
+        held = [record["student_elements"] for record in records[sharded]]
+        assert sum(held) == full and max(held) < full, sharded  # every element on exactly one rank
     # rank 1's batch of step 1 holds a NaN pixel; Sinkhorn-Knopp's sums over the global batch carry it into
     # rank 0's targets, and the gradient norm (after the all-reduce, or over the shards) is NaN on both
     # ranks: both skip the step, and the replicas stay equal
@@ -578,21 +607,25 @@ def test_fsdp_matches_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     for name in ("student", "teacher"):
         ddp_sums = [rank[name] for rank in records["ddp"]]
         assert math.isfinite(ddp_sums[0]) and ddp_sums[0] == ddp_sums[1], name  # replicas stayed equal
-        assert sum(rank[name] for rank in records["fsdp"]) == pytest.approx(ddp_sums[0], rel=1e-5), name
-    for ddp, fsdp in zip(records["ddp"], records["fsdp"], strict=True):
-        assert len(ddp["steps"]) == len(fsdp["steps"]) == STEPS
-        for want, got in zip(ddp["steps"], fsdp["steps"], strict=True):
-            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, nan_ok=True)
-            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5, nan_ok=True)
-        # the probe ran at steps 0 and 2 on every rank, and the sharded teacher gives the replicated one's
-        assert [h["step"] for h in fsdp["probe"]] == [h["step"] for h in ddp["probe"]] == [0, 2]
-        for want, got in zip(ddp["probe"], fsdp["probe"], strict=True):
-            assert got["knn_accuracy"] == pytest.approx(want["knn_accuracy"], abs=0.02)
-    for file, key in (("teacher.pth", "teacher"), ("last.ckpt", "state_dict")):
-        ddp, fsdp = (torch.load(tmp_path / s / file, weights_only=True)[key] for s in ("ddp", "fsdp"))
-        assert list(fsdp) == list(ddp), file
-        for name, value in ddp.items():
-            torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-6, msg=f"{file}: {name}")
+        for sharded in SHARDINGS:
+            got = sum(rank[name] for rank in records[sharded])
+            assert got == pytest.approx(ddp_sums[0], rel=1e-5), f"{sharded}: {name}"
+    for sharded in SHARDINGS:
+        for ddp, fsdp in zip(records["ddp"], records[sharded], strict=True):
+            assert len(ddp["steps"]) == len(fsdp["steps"]) == STEPS
+            for want, got in zip(ddp["steps"], fsdp["steps"], strict=True):
+                assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, nan_ok=True), sharded
+                assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5, nan_ok=True), sharded
+            # the probe ran at steps 0 and 2 on every rank, and the sharded teacher gives the replicated one's
+            assert [h["step"] for h in fsdp["probe"]] == [h["step"] for h in ddp["probe"]] == [0, 2]
+            for want, got in zip(ddp["probe"], fsdp["probe"], strict=True):
+                assert got["knn_accuracy"] == pytest.approx(want["knn_accuracy"], abs=0.02), sharded
+        for file, key in (("teacher.pth", "teacher"), ("last.ckpt", "state_dict")):
+            ddp, fsdp = (torch.load(tmp_path / s / file, weights_only=True)[key] for s in ("ddp", sharded))
+            assert list(fsdp) == list(ddp), file
+            for name, value in ddp.items():
+                msg = f"{sharded} {file}: {name}"
+                torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-6, msg=msg)
 
 
 RESUME_STEPS = 4  # 2 batches per rank and epoch: checkpoint after step 2, at the epoch boundary
@@ -729,8 +762,8 @@ def test_fsdp_stage_continues_a_single_process_run(tmp_path: Path) -> None:
 
 class RecordBlockDtypes(L.Callback):
     """Per training step: the dtype of the first student block's qkv weight and input inside its forward,
-    the dtypes of the student's stored parameters, gradients and floating-point buffers before the
-    optimizer step, and the step's loss terms."""
+    of the crops and iBOT weights the losses are given, the dtypes of the student's stored parameters,
+    gradients and floating-point buffers before the optimizer step, and the step's loss terms."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, Any]] = []
@@ -744,6 +777,14 @@ class RecordBlockDtypes(L.Callback):
 
         # on the block inside its FSDP unit: the unit's own pre-hook has not gathered the bf16 copy yet
         fsdp_inner(pl_module.student["backbone"].blocks[0]).register_forward_pre_hook(record)
+        compute_losses = pl_module.compute_losses
+
+        def record_batch(batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+            self.seen["crops"] = str(batch["collated_global_crops"].dtype)
+            self.seen["masks_weight"] = str(batch["masks_weight"].dtype)
+            return compute_losses(batch, step)
+
+        pl_module.compute_losses = record_batch  # the batch as the root FSDP unit hands it on
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         params = list(pl_module.student.parameters())
@@ -763,6 +804,8 @@ def precision_fit(folder: Path) -> None:
     first step of the same module and batch in float32 without a trainer (``float32.json``)."""
     folder.mkdir(parents=True, exist_ok=True)
     batches = [random_batch(seed) for seed in range(2)]
+    for batch in batches:  # with the collate's iBOT indices and float32 weights
+        batch["mask_indices_list"], batch["masks_weight"] = masked_patch_index(batch["collated_masks"])
     torch.manual_seed(0)
     reference = tiny_module(gram=False)
     with warnings.catch_warnings():
@@ -799,6 +842,9 @@ def test_fsdp_bf16_mixed_computes_in_bf16_with_float32_master_weights(tmp_path: 
         assert step["residual_stream"] == "torch.bfloat16"
         assert step["stored"] == step["grads"] == "torch.float32"
         assert step["buffers"] == "torch.float32"  # RoPE periods (Lightning's own FSDP setting casts them)
+        # the backbone units cast their crops; the root leaves the batch alone: iBOT's per-patch weights 1 / n
+        # stay float32 (bf16 would round them by up to 0.4 %), as officially
+        assert step["crops"] == step["masks_weight"] == "torch.float32"
         assert all(math.isfinite(v) for v in step["terms"].values())
     # at initialisation the global CLS tokens of different images differ by less than bf16 resolves, so
     # KoLeo (-log of nearest-neighbour distances) is not comparable; the prototype losses are

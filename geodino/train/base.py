@@ -38,7 +38,7 @@ from torch.distributed.fsdp import (
     ShardingStrategy,
     StateDictType,
 )
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
 from torch.optim import Optimizer
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -68,7 +68,15 @@ FSDP_UNITS = (SelfAttentionBlock, DinoVisionTransformer, DINOHead)
 #: FSDP's precision under ``bf16-mixed`` (official: bf16 parameters, fp32 gradient reduction). The networks
 #: then compute in bf16 throughout, the residual stream included; buffers (RoPE periods, key-bias mask)
 #: keep their dtype. (Without FSDP, autocast keeps float32 parameters and the residual stream in float32.)
-FSDP_BF16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+#: Each unit casts its own inputs (a backbone its crops), not the root: Lightning passes the whole batch
+#: through the root, whose cast would round iBOT's float32 per-patch weights to bf16 (FSDP2, which the
+#: official code uses, casts per module too).
+FSDP_BF16 = MixedPrecision(
+    param_dtype=torch.bfloat16,
+    reduce_dtype=torch.float32,
+    cast_forward_inputs=True,
+    cast_root_forward_inputs=False,
+)
 
 #: FSDP sharding strategies supported: each parameter lives on exactly one rank (or on all of them).
 _FSDP_SHARDINGS = (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP, ShardingStrategy.NO_SHARD)
@@ -508,15 +516,21 @@ def configure_fsdp(module: L.LightningModule) -> None:
     """Makes Lightning's ``FSDPStrategy`` shard ``module`` by :data:`FSDP_UNITS` (no-op for other strategies).
 
     Sets the strategy's ``auto_wrap_policy`` unless one was given; call it from ``configure_model``, which
-    Lightning runs before wrapping the model. With its own policy, the user must keep every student network
-    and its EMA copy in units of equal structure, or the EMA update will fail on mismatched shards. With
+    Lightning runs before wrapping the model. Under ``SHARD_GRAD_OP`` (the official choice) the units of the
+    networks that run no backward pass (:meth:`SSLModule.frozen_networks`: the EMA teacher, the Gram teacher,
+    a distillation teacher) are ``FULL_SHARD``: ``SHARD_GRAD_OP`` frees a unit's gathered weights only after
+    its backward pass, so such a unit would keep computing with the weights of its first forward pass while
+    the EMA update and the Gram refresh write its shards (pytorch/pytorch#144289). With its own policy, the
+    user must keep every student network and its EMA copy in units of equal structure, or the EMA update will
+    fail on mismatched shards, and must give forward-only units that change a resharding strategy. With
     ``bf16-mixed`` and no ``mixed_precision`` given, FSDP gathers bf16 parameters but reduces gradients in
     float32 and leaves buffers alone (official: bf16 parameters, fp32 reduce); Lightning's own setting
     would reduce in bf16 and cast the RoPE and key-bias mask buffers.
 
     Raises:
         ValueError: For hybrid sharding (replicas across nodes), which the sharded gradient clipping of
-            :func:`clip_grad_norm` does not handle.
+            :func:`clip_grad_norm` does not handle, and for ``state_dict_type="sharded"``: resuming, the next
+            stage's ``init_from`` / ``continue_from`` and the export read full checkpoint files.
     """
     strategy = module._trainer.strategy if module._trainer is not None else None
     if not isinstance(strategy, FSDPStrategy):
@@ -526,9 +540,30 @@ def configure_fsdp(module: L.LightningModule) -> None:
             f"FSDP sharding_strategy {strategy.sharding_strategy.name} is not supported; use one of "
             f"{[s.name for s in _FSDP_SHARDINGS]}"
         )
-    strategy.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(FSDP_UNITS))
+    if strategy._state_dict_type != "full":
+        raise ValueError(
+            f"FSDP state_dict_type={strategy._state_dict_type!r} is not supported: a run resumes, and the "
+            "next stage starts, from one full checkpoint file; leave state_dict_type at 'full' (the default)"
+        )
+    strategy.kwargs.setdefault("auto_wrap_policy", _fsdp_units(module, strategy.sharding_strategy))
     if strategy.mixed_precision is None and strategy.precision_plugin.precision == "bf16-mixed":
         strategy.mixed_precision = FSDP_BF16
+
+
+def _fsdp_units(module: L.LightningModule, sharding: ShardingStrategy) -> ModuleWrapPolicy | CustomPolicy:
+    """The :data:`FSDP_UNITS` policy; under ``SHARD_GRAD_OP`` the units of ``module.frozen_networks()`` are
+    ``FULL_SHARD`` (see :func:`configure_fsdp`). Both strategies shard a unit's parameters alike, so the
+    student's and the teacher's local shards still line up for the EMA update."""
+    if sharding != ShardingStrategy.SHARD_GRAD_OP:
+        return ModuleWrapPolicy(FSDP_UNITS)
+    forward_only = {id(m) for network in module.frozen_networks() for m in network.modules()}
+
+    def unit(m: nn.Module) -> bool | dict[str, Any]:
+        if not isinstance(m, FSDP_UNITS):
+            return False
+        return {"sharding_strategy": ShardingStrategy.FULL_SHARD} if id(m) in forward_only else True
+
+    return CustomPolicy(unit)
 
 
 def unwrapped_name(name: str) -> str:
