@@ -198,3 +198,22 @@ def test_dataloader_workers_read_every_chip(tmp_path: Path, tiler: RasterTiler) 
     windows, images = (torch.cat(parts) for parts in zip(*loader, strict=True))
     assert windows.tolist() == [list(w.flatten()) for w in tiler.windows]
     torch.testing.assert_close(images, torch.stack([window_and_image(c)[1] for c in tiler]))
+
+
+def test_a_store_of_another_chip_table_is_refused(tmp_path: Path, tiler: RasterTiler) -> None:
+    """A table sampled again (same length, other windows) must not resume, or reuse, a store written from the
+    first one: its pixels would pass for the new table's chips."""
+    table = write_chip_store(tmp_path / "ref.zarr", tiler, progress=False).chips
+    other = table.iloc[::-1].reset_index(drop=True)  # the same number of chips, other windows per row
+    path = tmp_path / "s.zarr"
+    crashing = LoggedSource(tiler, tmp_path / "crash.log", fail_at=9)  # batches of 4: chips 0-7 commit
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        write_chip_store(path, crashing, chips=table, batch_size=4, scheduler="synchronous", progress=False)
+    refused = r"s\.zarr: chip 0 was written from window \(0, 0, .*another chip table.*overwrite=True"
+    with pytest.raises(ValueError, match=refused):
+        write_chip_store(path, tiler, chips=other, progress=False)
+    store = write_chip_store(path, tiler, chips=table, progress=False)  # the same table resumes
+    fresh = write_chip_store(tmp_path / "fresh.zarr", tiler, chips=table, batch_size=4, progress=False)
+    assert_same_store(store, fresh)
+    with pytest.raises(ValueError, match=r"s\.zarr: chip 0 was written from window.*another chip table"):
+        write_chip_store(path, tiler, chips=other, progress=False)  # nor is a complete store reused

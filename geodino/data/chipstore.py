@@ -169,6 +169,27 @@ def _merge(records: dict[int, dict], n: int, batch_size: int) -> _Meta:
     return meta
 
 
+def _check_same_chips(root: zarr.Group, path: Path, windows: np.ndarray | None) -> None:
+    """Refuses to resume, or to return as written, a store whose written chips have other windows than the
+    chip table's ``windows`` ``[N, 4]`` (say the table was sampled again with another seed): their pixels
+    would pass for the table's chips."""
+    if windows is None:
+        return
+    if root.attrs["complete"]:
+        stored, written = root["window"][:], np.ones(len(windows), bool)
+    else:
+        meta = _merge(_committed(root), root.attrs["count"], root.attrs["batch_size"])
+        stored, written = meta.window, meta.written
+    differ = np.flatnonzero(written & (stored != windows).any(axis=1))
+    if differ.size:
+        i = int(differ[0])
+        raise ValueError(
+            f"{path}: chip {i} was written from window {tuple(int(v) for v in stored[i])} but the chip table "
+            f"gives {tuple(int(v) for v in windows[i])} ({', '.join(WINDOW_COLUMNS)}): the store was started "
+            "from another chip table; pass overwrite=True (geodino chips --overwrite) to rewrite it"
+        )
+
+
 def _chip_table(meta: _Meta) -> gpd.GeoDataFrame:
     """Chip table (contract columns) with footprints reprojected to EPSG:4326; chips without CRS (code
     ``""``) get a null ``crs`` and ``geometry``."""
@@ -293,6 +314,7 @@ def write_chip_store(
             f"{path}: the chip table must have one row per chip ({n}) and the columns raster, crs, "
             f"{', '.join(WINDOW_COLUMNS)}; got {len(chips)} rows, columns {list(chips.columns)}"
         )
+    windows = None if chips is None else chips[WINDOW_COLUMNS].to_numpy(np.int64)
     if overwrite and path.exists():
         shutil.rmtree(path)
     if path.exists():
@@ -302,6 +324,7 @@ def write_chip_store(
                 f"{path}: the store holds {root.attrs['count']} chips but the source has {n}; resume only "
                 "with the source the store was started with, or pass overwrite=True to rewrite it"
             )
+        _check_same_chips(root, path, windows)
         if root.attrs["complete"]:
             return ChipStore(path)
     else:
@@ -309,7 +332,6 @@ def write_chip_store(
         root = _create(path, source[0], n, batch_size, codec)
     spec = _Spec(*(root.attrs[k] for k in _Spec._fields))
     batch_size = root.attrs["batch_size"]
-    windows = None if chips is None else chips[WINDOW_COLUMNS].to_numpy(np.int64)
     done = _committed(root)
     todo = [b for b in range(-(-n // batch_size)) if b not in done]
     try:
