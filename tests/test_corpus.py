@@ -20,7 +20,7 @@ import torch.utils.data
 from affine import Affine
 from conftest import shared_path
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.warp import calculate_default_transform, reproject, transform_bounds
 from rasterio.windows import Window
 
@@ -47,6 +47,10 @@ CUSTOM_LCC = (
     'PARAMETER["latitude_of_origin",44.1],PARAMETER["central_meridian",11.7],'
     'PARAMETER["false_easting",700000],PARAMETER["false_northing",300000],UNIT["metre",1]]'
 )
+
+
+#: The CRS GDAL writes for an unknown projection: no relation to Earth coordinates.
+LOCAL_CS = 'LOCAL_CS["arbitrary",UNIT["metre",1],AXIS["X",EAST],AXIS["Y",NORTH]]'
 
 
 def _write(path: Path, data: np.ndarray, *, crs: CRS | str | None = "EPSG:32633", **profile: object) -> Path:
@@ -181,6 +185,24 @@ def test_reprojection_without_nodata_masks_outside(tmp_path: Path) -> None:
     assert 0.5 < chip.valid.mean() < 0.99
     assert chip.valid.mean() == pytest.approx(valid_map.valid_fraction, abs=0.01)
     assert (chip.image[:, chip.valid] > 0).any(axis=0).all()  # only warped pixels are valid
+
+
+def test_alpha_band_is_the_mask_not_a_band(tmp_path: Path) -> None:
+    """An RGBA GeoTIFF whose right half is transparent: by default the corpus reads red, green and blue, and
+    the alpha band makes that half invalid (read as a fourth band, its all-valid mask would not)."""
+    data = np.random.default_rng(2).integers(1, 255, size=(4, 64, 64), dtype=np.uint8)
+    data[3] = 255
+    data[3, :, 32:] = 0
+    path = _write(tmp_path / "rgba.tif", data)
+    with rasterio.open(path, "r+") as dst:
+        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+    corpus = RasterCorpus.from_paths(path, progress=False)
+    row = next(corpus.index.itertuples())
+    assert list(row.bands) == [1, 2, 3]
+    assert row.valid_fraction == pytest.approx(0.5, abs=0.05)
+    chip = corpus.read(ChipRef(0, Window(0, 0, 64, 64)))
+    assert chip.image.shape == (3, 64, 64)
+    np.testing.assert_array_equal(chip.valid, data[3] > 0)
 
 
 def test_custom_crs_without_epsg(tmp_path: Path) -> None:
@@ -444,10 +466,12 @@ def test_bad_inputs(scene: Path, tmp_path: Path) -> None:
     bad_pixels.write_bytes(bad_pixels.read_bytes()[: bad_pixels.stat().st_size * 6 // 10])
     no_crs = _write(tmp_path / "no_crs.tif", np.ones((1, 32, 32), np.uint8), crs=None)
     empty = _write(tmp_path / "empty.tif", np.zeros((1, 32, 32), np.uint8), nodata=0)
+    local = _write(tmp_path / "local.tif", np.ones((3, 32, 32), np.uint8), crs=CRS.from_wkt(LOCAL_CS))
     reasons = {
         bad_header: "corrupt, truncated",
         bad_pixels: "corrupt or truncated",
         empty: "all pixels are nodata",
+        local: "its CRS .* cannot be transformed.*local or engineering CRS.*rio edit-info --crs",
     }
     for path, reason in reasons.items():
         with pytest.raises(RasterFileError, match=rf"{path.name}.*{reason}"):
@@ -455,13 +479,15 @@ def test_bad_inputs(scene: Path, tmp_path: Path) -> None:
     # Without CRS: refused only when reprojecting (tests/test_no_crs.py covers the pixel grid).
     with pytest.raises(RasterFileError, match=r"no_crs\.tif has no CRS.*rio edit-info --crs"):
         RasterCorpus.from_paths(no_crs, crs="EPSG:4326", progress=False)
+    with pytest.raises(RasterFileError, match=r"local\.tif: its CRS .* cannot be transformed"):
+        RasterCorpus.from_paths(local, crs="EPSG:32618", progress=False)  # to a target grid
 
-    with pytest.warns(UserWarning, match="skipped 3 unreadable") as record:
+    with pytest.warns(UserWarning, match="skipped 4 unreadable") as record:
         corpus = RasterCorpus.from_paths([*reasons, scene], on_error="skip", progress=False)
     assert list(corpus.index["raster"]) == [str(scene)]
     (message,) = [str(w.message) for w in record if "skipped" in str(w.message)]
     assert all(f"{path}: {path}" in message for path in reasons), message
-    with pytest.warns(UserWarning), pytest.raises(RasterFileError, match="all 3 were skipped"):
+    with pytest.warns(UserWarning), pytest.raises(RasterFileError, match="all 4 were skipped"):
         RasterCorpus.from_paths(list(reasons), on_error="skip", progress=False)
 
     with pytest.raises(ValueError, match=r"scaling_by must be one of \('dtype', 'raster', 'corpus'\)"):

@@ -59,9 +59,10 @@ import rasterio
 import shapely
 import torch.utils.data
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
-from rasterio.enums import MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform
 from rasterio.warp import transform as transform_coords
@@ -72,6 +73,7 @@ from geodino.data.tiling import (
     Chip,
     ChipRef,
     RasterFileError,
+    _gdal_reason,
     _has_valid_pixel,
     _open,
     _override,
@@ -111,7 +113,7 @@ class ReadSettings:
     """How every raster of a corpus is read (see :meth:`RasterCorpus.from_paths`).
 
     Attributes:
-        bands: Band selection (1-based indexes or descriptions), None for all bands.
+        bands: Band selection (1-based indexes or descriptions), None for all bands but alpha.
         nodata: Fill value of the rasters that declare neither a nodata value nor a mask (an undeclared
             fill value), or None; see :func:`_nodata_override`.
         crs: Target CRS (WKT) of the read grids, None for native grids.
@@ -159,9 +161,11 @@ def _describe_bands(descriptions: Sequence[str | None]) -> str:
 
 
 def _band_indexes(src: rasterio.DatasetReader, path: str, bands: Sequence[Band] | None) -> list[int]:
-    """1-based indexes of ``bands`` (indexes or case-insensitive descriptions) in ``src``."""
+    """1-based indexes of ``bands`` (indexes or case-insensitive descriptions) in ``src``; by default every
+    band but an alpha band, which is the others' mask (read as a band, its all-valid mask would mark
+    transparent pixels valid)."""
     if bands is None:
-        return list(range(1, src.count + 1))
+        return [i for i in range(1, src.count + 1) if src.colorinterp[i - 1] != ColorInterp.alpha]
     names = {d.lower(): i for i, d in enumerate(src.descriptions, 1) if d}
     indexes = []
     for band in bands:
@@ -304,6 +308,21 @@ def _footprints(crs: CRS, transform: Affine, windows: np.ndarray, points: int) -
     return shapely.polygons(np.stack([lon, lat], axis=-1).reshape(*cols.shape, 2))
 
 
+#: What rasterio raises for a CRS it cannot transform from (a local or engineering CRS, say LOCAL_CS that
+#: GDAL writes for an unknown projection). ``CPLE_BaseError`` is rasterio's GDAL error base, not exported
+#: by ``rasterio.errors``.
+_CRS_ERRORS = (CRSError, CPLE_BaseError)
+
+
+def _crs_error(path: str, crs: CRS, error: BaseException) -> RasterFileError:
+    """The :class:`RasterFileError` for a raster whose ``crs`` cannot be transformed to another CRS."""
+    return RasterFileError(
+        f"{path}: its CRS ({crs.to_string() or crs.to_wkt()[:60]}) cannot be transformed to Earth "
+        f"coordinates ({_gdal_reason(error)[:120]}): a local or engineering CRS locates nothing; assign the "
+        f"real one with `rio edit-info --crs EPSG:xxxx {path}`, or leave the file out"
+    )
+
+
 def _index_raster(
     path: str, settings: ReadSettings, valid_map_side: int, n_samples: int, rng: np.random.Generator
 ) -> tuple[dict[str, Any], ValidMap, np.ndarray, float | None]:
@@ -337,12 +356,17 @@ def _index_raster(
                     f"{path}: all pixels are nodata / masked (nodata {marker}); nothing to read. Check its "
                     "nodata value (nodata=, geodino index --nodata) or leave the file out"
                 )
+        except _CRS_ERRORS as e:
+            raise _crs_error(path, src.crs, e) from e
         except RasterioError as e:
             raise _read_error(path, "raster", e) from e
         whole = np.array([[0, 0, width, height]])
-        footprint = (
-            None if grid_crs is None else _footprints(grid_crs, transform, whole, _RASTER_EDGE_POINTS)[0]
-        )
+        try:
+            footprint = (
+                None if grid_crs is None else _footprints(grid_crs, transform, whole, _RASTER_EDGE_POINTS)[0]
+            )
+        except _CRS_ERRORS as e:
+            raise _crs_error(path, grid_crs, e) from e
         row = {
             "raster": path,
             "crs": None if grid_crs is None else grid_crs.to_wkt(),
@@ -483,8 +507,9 @@ class RasterCorpus:
         Args:
             sources: A folder (searched recursively for ``*.tif`` / ``*.tiff``, any case; sorted), a glob
                 pattern, or a list of paths.
-            bands: Bands to read, as 1-based indexes or band descriptions (case-insensitive); all bands by
-                default, in which case every raster must have the same number of bands.
+            bands: Bands to read, as 1-based indexes or band descriptions (case-insensitive); all bands but
+                an alpha band (the mask of the others) by default, in which case every raster must have the
+                same number of bands.
             nodata: Fill value of the rasters that declare neither a nodata value nor a mask (an undeclared
                 fill value, e.g. a 0 collar): their pixels of this value are invalid. Files with a declared
                 nodata value or mask keep theirs, and files whose dtype cannot hold the value (-9999 in
