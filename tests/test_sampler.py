@@ -229,6 +229,7 @@ def test_resume_continues_with_the_remaining_chips(scene_map: ValidMap) -> None:
         "size": 64,
         "max_nodata": 0.5,
         "num_rasters": 1,
+        "fingerprint": make().fingerprint,  # of the valid maps: the same for the same corpus
     }
     resumed = make()
     resumed.load_state_dict(state)
@@ -242,6 +243,12 @@ def test_resume_continues_with_the_remaining_chips(scene_map: ValidMap) -> None:
     assert list(resumed) == list(fresh)
 
 
+def without_first_valid_cell(valid_map: ValidMap) -> ValidMap:
+    valid = valid_map.valid.copy()
+    valid.flat[np.flatnonzero(valid)[0]] = False
+    return ValidMap(valid, valid_map.height, valid_map.width)
+
+
 def test_load_state_rejects_another_configuration(scene_map: ValidMap) -> None:
     state = RandomChipSampler([scene_map], size=64, num_samples=60, world_size=2, rank=0).state_dict()
     others = {
@@ -249,6 +256,8 @@ def test_load_state_rejects_another_configuration(scene_map: ValidMap) -> None:
         "size": {"size": 32},
         "num_samples": {"num_samples": 61},
         "num_rasters": {"valid_maps": [scene_map, scene_map]},
+        # the raster indexed again with another nodata: one cell of its map becomes invalid
+        "fingerprint": {"valid_maps": [without_first_valid_cell(scene_map)]},
     }
     for name, change in others.items():
         kwargs = {"valid_maps": [scene_map], "size": 64, "num_samples": 60, "world_size": 2, "rank": 0}

@@ -182,7 +182,8 @@ class RandomChipSampler(_EpochSampler):
 
     Every rank yields ``num_samples // world_size`` chips per epoch (DDP needs equal lengths): the last
     ``num_samples % world_size`` chips of the global sequence are dropped. Resumable mid-epoch with
-    ``state_dict(consumed=...)`` / ``load_state_dict``.
+    ``state_dict(consumed=...)`` / ``load_state_dict``; a state records a fingerprint of the valid maps and
+    raster sizes, so a run cannot resume on a different corpus (say one indexed again with another nodata).
 
     Memory: about 8 bytes per coarse cell of the maps (a summed-area table and the valid cell indices).
 
@@ -192,7 +193,7 @@ class RandomChipSampler(_EpochSampler):
             valid area for one acceptable chip.
     """
 
-    _config_keys = ("num_samples", "world_size", "size", "max_nodata", "num_rasters")
+    _config_keys = ("num_samples", "world_size", "size", "max_nodata", "num_rasters", "fingerprint")
 
     def __init__(
         self,
@@ -227,6 +228,11 @@ class RandomChipSampler(_EpochSampler):
         self._cell_h = self._height / self._map_h  # full-resolution pixels per cell
         self._cell_w = self._width / self._map_w
         self._n_valid = np.array([int(v.sum()) for v in maps], dtype=np.int64)
+        digest = hashlib.sha256()  # of the maps and raster sizes: a state resumes only on the same corpus
+        for v, height, width in zip(maps, self._height, self._width, strict=True):
+            digest.update(np.array([height, width, *v.shape], dtype=np.int64).tobytes())
+            digest.update(np.packbits(v).tobytes())
+        self.fingerprint = digest.hexdigest()[:16]
         self._cells = np.concatenate([np.flatnonzero(v).astype(np.int32) for v in maps])
         self._cell_base = np.concatenate([[0], np.cumsum(self._n_valid)[:-1]])
         # Hand-rolled: ValidMap.window_fraction scores one window per call; a summed-area table of each map
