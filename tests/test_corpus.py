@@ -205,6 +205,24 @@ def test_alpha_band_is_the_mask_not_a_band(tmp_path: Path) -> None:
     np.testing.assert_array_equal(chip.valid, data[3] > 0)
 
 
+def test_raster_rewritten_after_indexing_is_refused(tmp_path: Path) -> None:
+    data = np.random.default_rng(3).integers(1, 255, size=(4, 64, 64), dtype=np.uint8)
+    path = _write(tmp_path / "scene.tif", data)
+    corpus = RasterCorpus.from_paths(path, progress=False)
+    rewritten = {
+        "4 bands indexed, 3 now": data[:3],
+        "uint8 indexed, uint16 now": data.astype(np.uint16),
+        "64 x 64 px indexed, 48 x 64 now": data[:, :, :48],
+    }
+    for change, pixels in rewritten.items():
+        corpus.close()
+        _write(path, pixels)
+        with pytest.raises(
+            RasterFileError, match=rf"scene\.tif: raster 0 changed .*\({change}\).*geodino index"
+        ):
+            corpus.read(ChipRef(0, Window(0, 0, 32, 32)))
+
+
 def test_custom_crs_without_epsg(tmp_path: Path) -> None:
     data = np.random.default_rng(1).integers(1, 255, size=(3, 64, 80), dtype=np.uint8)
     path = _write(tmp_path / "lcc.tif", data, crs=CRS.from_wkt(CUSTOM_LCC))

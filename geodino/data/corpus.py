@@ -284,6 +284,19 @@ def _read_valid_map(
     return ValidMap(valid_map.valid & inside, valid_map.height, valid_map.width)
 
 
+def _changed_since_indexed(src: rasterio.DatasetReader, row: pd.Series, warped: bool) -> str:
+    """What of ``src`` differs from its index ``row`` (band count, dtype of the bands, and, read on its own
+    grid, its size), or "" when nothing does."""
+    if src.count != row["count"]:
+        return f"{row['count']} bands indexed, {src.count} now"
+    dtype = str(np.result_type(*[src.dtypes[b - 1] for b in row["bands"]]))
+    if dtype != row["dtype"]:
+        return f"{row['dtype']} indexed, {dtype} now"
+    if not warped and (src.width, src.height) != (row["width"], row["height"]):
+        return f"{row['width']} x {row['height']} px indexed, {src.width} x {src.height} now"
+    return ""
+
+
 def _open_raster(path: Path) -> rasterio.DatasetReader:
     """:func:`_open` without rasterio's ``NotGeoreferencedWarning``, which a raster without geotransform
     (e.g. a PNG chip) raises on every opening: the corpus reads it on its pixel grid (identity transform),
@@ -705,7 +718,8 @@ class RasterCorpus:
 
         Raises:
             FileNotFoundError: The raster was moved or deleted since it was indexed.
-            RasterFileError: It cannot be opened any more.
+            RasterFileError: It cannot be opened any more, or its band count, dtype or (on its own grid)
+                size changed since it was indexed.
         """
         if self._pid != os.getpid():
             # After fork the parent's handles (and GDAL file offsets) must not be shared: open our own.
@@ -718,6 +732,13 @@ class RasterCorpus:
         if not path.exists():
             raise FileNotFoundError(f"{path}: raster {i} of the corpus no longer exists (moved or deleted?)")
         src = _open_raster(path)
+        changed = _changed_since_indexed(src, row, self.settings.warp)
+        if changed:
+            src.close()
+            raise RasterFileError(
+                f"{path}: raster {i} changed since it was indexed ({changed}); index the rasters again "
+                "(geodino index) and sample new chips from that corpus"
+            )
         handle: Handle = src
         if self.settings.warp:
             grid = {"crs": CRS.from_wkt(row["crs"]), "transform": Affine(*row["transform"])}
