@@ -38,6 +38,15 @@ def test_recipes_are_valid_yaml_for_the_cli() -> None:
         config = yaml.safe_load(recipe.read_text())
         assert {"trainer", "model", "data"} <= set(config), recipe
         assert config["model"]["backbone"] == config["data"]["preset"], recipe
+        # a restarted job passes --ckpt_path last: the checkpoint must be in one folder for every run (without
+        # a dirpath, each run writes to a new lightning_logs/version_N and a restart starts from step 0)
+        (checkpoints,) = [
+            c["init_args"]
+            for c in config["trainer"]["callbacks"]
+            if c["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"
+        ]
+        assert checkpoints["save_last"] is True, recipe
+        assert checkpoints["dirpath"] == f"{config['trainer']['default_root_dir']}/checkpoints", recipe
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
@@ -166,6 +175,7 @@ def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
         assert main(["fit", "--config", str(RECIPES / f"{stage}.yaml"), *quick]) == 0
         exported = tmp_path / "runs" / stage / "teacher_checkpoint.pth"
         assert exported.is_file(), stage
+        assert (tmp_path / "runs" / stage / "checkpoints" / "last.ckpt").is_file(), stage  # --ckpt_path last
     # the Gram stage continued stage 1's AdamW state: 3 + 3 steps
     gram_run = torch.load(tmp_path / "runs" / "gram_tiny" / "checkpoints" / "last.ckpt", weights_only=True)
     assert {float(s["step"]) for s in gram_run["optimizer_states"][0]["state"].values()} == {6.0}
@@ -177,6 +187,7 @@ def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
     torch.testing.assert_close(vit.state_dict()["norm.weight"], state["backbone.norm.weight"])
     # distillation of that teacher into two smaller students, each exported in the same layout
     assert main(["distill", "--config", str(RECIPES / "distill_tiny.yaml"), *quick]) == 0
+    assert (tmp_path / "runs" / "distill_tiny" / "checkpoints" / "last.ckpt").is_file()
     students = {
         "vit_d1_e32": {"depth": 1, "embed_dim": 32, "num_heads": 2},
         "vit_d2_e48": {"depth": 2, "embed_dim": 48, "num_heads": 3},
