@@ -178,10 +178,16 @@ def test_probe_bad_inputs_name_the_file_and_the_fix(tmp_path: Path) -> None:
         ({"window": 192}, rf"{images[0]}: 256 x 256 px is smaller than the probe needs \(192 x 384 px"),
         ({"bands": [1, 2]}, "reads 2 bands .* training normalises 3; set the probe's bands"),
     ]
+    not_a_raster = tmp_path / "labels.txt"
+    not_a_raster.write_text("not a raster")
+    failures += [({"labels": [str(not_a_raster)]}, rf"{not_a_raster}: cannot read the probe labels")]
     for change, message in failures:
         probe = DenseKNNProbe(**{"images": images, "labels": labels, "window": 64, **change})
         with pytest.raises(ValueError, match=message):
             _fit(tmp_path, probe, steps=1)
+    missing = DenseKNNProbe(images, [str(tmp_path / "gone.png")], window=64)
+    with pytest.raises(FileNotFoundError, match=r"gone\.png: no such probe label raster"):
+        _fit(tmp_path, missing, steps=1)
 
 
 def test_probe_on_loveda_tiles(tmp_path: Path) -> None:

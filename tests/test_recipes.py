@@ -153,7 +153,13 @@ def test_resume_keeps_the_command_line_settings_and_refuses_a_cut_checkpoint(
     assert "missing keys (30): student.backbone.blocks.2." in err and "backbone_overrides: {'depth': 2" in err
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    for path, message in ((tmp_path / "gone.ckpt", "no such file"), (cut, "not a whole checkpoint")):
+    teacher = tmp_path / "runs" / "pretrain_tiny" / "teacher_checkpoint.pth"  # the run's export, not a run
+    refused = {
+        tmp_path / "gone.ckpt": "no such file",
+        cut: "not a whole checkpoint",
+        teacher: "not a Lightning checkpoint of a run (a teacher export?",
+    }
+    for path, message in refused.items():
         assert main([*fit, f"--ckpt_path={path}"]) == 2
         err = capsys.readouterr().err
         assert f"geodino: error: ckpt_path {path}: {message}" in err and "Traceback" not in err

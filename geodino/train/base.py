@@ -781,7 +781,8 @@ def check_resume_checkpoint(path: str | os.PathLike) -> None:
     of many GB. Lightning's values ``last``, ``best``, ``hpc`` and ``registry...`` are left to Lightning.
 
     Raises:
-        CheckpointError: The file is missing, or has no archive directory holding a pickled object.
+        CheckpointError: The file is missing, has no archive directory holding a pickled object, or is no
+            Lightning checkpoint (say a teacher export).
     """
     if str(path) in LIGHTNING_CKPT_KEYWORDS or str(path).startswith("registry:"):
         return
@@ -792,14 +793,21 @@ def check_resume_checkpoint(path: str | os.PathLike) -> None:
         )
     try:
         with zipfile.ZipFile(path) as archive:
-            whole = any(name.endswith("data.pkl") for name in archive.namelist())
+            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            # the pickle holds the keys (the tensors are separate records): small, and not unpickled here
+            lightning = bool(pickles) and b"pytorch-lightning_version" in archive.read(pickles[0])
     except (zipfile.BadZipFile, OSError):
-        whole = False
-    if not whole:
+        pickles, lightning = [], False
+    if not pickles:
         raise CheckpointError(
             f"ckpt_path {path}: not a whole checkpoint (no torch.save archive directory at its end), as a "
             "copy cut short or a full disk leaves; resume from another checkpoint of the run, e.g. the one "
             "before it in the same folder"
+        )
+    if not lightning:
+        raise CheckpointError(
+            f"ckpt_path {path}: not a Lightning checkpoint of a run (a teacher export? it starts the next "
+            "stage through --model.init_from); resume from the run's checkpoints/last.ckpt"
         )
 
 

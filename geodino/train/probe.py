@@ -22,12 +22,12 @@ import rasterio
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from rasterio.errors import NotGeoreferencedWarning
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from geodino.data import ChipRef, CorpusDataset, RasterCorpus
+from geodino.data import ChipRef, CorpusDataset, RasterCorpus, RasterFileError
 from geodino.models import DinoVisionTransformer, get_preset
 from geodino.train.data import PretrainDataModule
 
@@ -222,10 +222,17 @@ class DenseKNNProbe(L.Callback):
             row = corpus.index.iloc[i]
             chip = raw[ChipRef(i, Window(0, 0, int(row["width"]), int(row["height"])))]
             scaled = _scale_like_training(chip.image, row["dtype"], i, corpus, datamodule)
-            with warnings.catch_warnings():  # a label PNG has no geotransform
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                with rasterio.open(label_path) as src:
-                    labels = src.read(1)
+            if not os.path.isfile(label_path):
+                raise FileNotFoundError(
+                    f"{label_path}: no such probe label raster; give one label raster per probe image"
+                )
+            try:
+                with warnings.catch_warnings():  # a label PNG has no geotransform
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    with rasterio.open(label_path) as src:
+                        labels = src.read(1)
+            except RasterioError as e:
+                raise RasterFileError(f"{label_path}: cannot read the probe labels: {e}") from e
             if labels.shape != chip.image.shape[1:]:
                 raise ValueError(
                     f"{label_path}: labels {labels.shape} are not on the grid of {image_path} "
