@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         "declared nodata values and masks are kept",
     )
     index.add_argument("--crs", help="read every raster in this CRS (WarpedVRT), e.g. EPSG:32633")
-    index.add_argument("--gsd", type=float, help="read at this resolution, CRS units per pixel")
+    index.add_argument("--gsd", type=_positive, help="read at this resolution, CRS units per pixel")
     index.add_argument(
         "--scaling-by",
         choices=["dtype", "raster", "corpus"],
@@ -246,8 +246,19 @@ def run_demo(out: Path, backbone: str, weights: Path | None, size: int, seed: in
     return 0
 
 
-def _check_output_file(path: Path, suffix: str) -> str | None:
-    """The reason ``path`` cannot be written as an output file, or None."""
+def _positive(value: str) -> float:
+    """An argparse type: a number above 0."""
+    number = float(value)
+    if not number > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {value}")
+    return number
+
+
+def _check_output_file(path: Path, suffix: str, inputs: tuple[Path, ...] = ()) -> str | None:
+    """The reason ``path`` cannot be written as an output file (one of the command's ``inputs`` included),
+    or None."""
+    if any(path.resolve() == p.resolve() for p in inputs):
+        return f"--out {path} is an input of this command; give another file name"
     if path.suffix.lower() != suffix:
         return f"--out {path}: expected a {suffix} file name"
     if path.is_dir():
@@ -315,13 +326,13 @@ def run_sample(args: argparse.Namespace) -> int:
     from geodino.data import RandomChipSampler, RasterCorpus
     from geodino.io import write_geoparquet
 
-    problem = _check_output_file(args.out, ".parquet")
+    problem = _check_output_file(args.out, ".parquet", (args.corpus,))
     if problem:
         return _error(problem)
     if not args.corpus.is_file():
         return _error(f"{args.corpus}: no such corpus file; write one with `geodino index`")
-    corpus = RasterCorpus.load(args.corpus)
     try:
+        corpus = RasterCorpus.load(args.corpus)
         sampler = RandomChipSampler(
             corpus.valid_maps, size=args.size, num_samples=args.n, max_nodata=args.max_nodata, seed=args.seed
         )
@@ -356,7 +367,7 @@ def run_curate(args: argparse.Namespace) -> int:
     from geodino.io import write_geoparquet
     from geodino.models import CheckpointError, get_preset
 
-    problem = _check_output_file(args.out, ".parquet")
+    problem = _check_output_file(args.out, ".parquet", (args.corpus,))
     if problem:
         return _error(problem)
     if not args.corpus.is_file():
@@ -365,7 +376,10 @@ def run_curate(args: argparse.Namespace) -> int:
         preset = get_preset(args.backbone)
     except KeyError as err:
         return _error(str(err.args[0]))
-    corpus = RasterCorpus.load(args.corpus)
+    try:
+        corpus = RasterCorpus.load(args.corpus)
+    except ValueError as err:
+        return _error(str(err))
     bands = len(corpus.index["bands"].iloc[0])
     if bands != len(preset.mean):
         return _error(
@@ -400,12 +414,14 @@ def run_chips(args: argparse.Namespace) -> int:
         return _error(f"--out {args.out}: expected a .zarr store name")
     if not args.out.parent.is_dir():
         return _error(f"--out {args.out}: the folder {args.out.parent} does not exist; create it first")
+    if args.out.exists() and not args.out.is_dir():
+        return _error(f"--out {args.out} is a file; a chip store is a folder: give another name")
     for path, how in ((args.table, "`geodino sample` or `geodino curate`"), (args.corpus, "`geodino index`")):
         if not path.is_file():
             return _error(f"{path}: no such file; write it with {how}")
-    corpus = RasterCorpus.load(args.corpus)
-    table = gpd.read_parquet(args.table)
     try:
+        corpus = RasterCorpus.load(args.corpus)
+        table = gpd.read_parquet(args.table)
         source = CorpusDataset(corpus, table, scaled=False)
         store = write_chip_store(args.out, source, chips=table, overwrite=args.overwrite)
     except (RasterFileError, ValueError, KeyError) as err:

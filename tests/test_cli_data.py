@@ -47,6 +47,34 @@ def test_index_then_sample_writes_a_chip_table(tmp_path: Path, capsys: pytest.Ca
     np.testing.assert_array_equal(
         gpd.read_parquet(again)[["col_off", "row_off"]], table[["col_off", "row_off"]]
     )
+    # mixed-up files get one line each, and nothing overwrites an input
+    capsys.readouterr()
+    corpus_, chips_, out = str(corpus_path), str(chips_path), str(tmp_path / "c.parquet")
+    sample = ["--n", "5", "--size", "128", "--out"]
+    store_file = tmp_path / "file.zarr"
+    store_file.touch()
+    mixups = {
+        ("sample", chips_, *sample, out): "not a RasterCorpus file",
+        ("sample", corpus_, *sample, corpus_): "is an input of this command",
+        ("curate", chips_, "--candidates", "8", "--keep", "2", "--out", out): "not a RasterCorpus file",
+        ("chips", corpus_, "--corpus", chips_, "--out", str(tmp_path / "s.zarr")): "not a RasterCorpus file",
+        (
+            "chips",
+            chips_,
+            "--corpus",
+            corpus_,
+            "--out",
+            str(store_file),
+        ): "is a file; a chip store is a folder",
+    }
+    for command, message in mixups.items():
+        assert main(list(command)) == 2, command
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, command
+    with pytest.raises(SystemExit):  # argparse: usage and the reason
+        main(["index", _rasters()[0], "--gsd", "0", "--out", out])
+    assert "must be a number above 0" in capsys.readouterr().err
+    assert RasterCorpus.load(corpus_path).index.equals(corpus.index)
 
 
 def test_index_reports_mixed_band_counts_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
