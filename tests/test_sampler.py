@@ -263,6 +263,10 @@ def test_load_state_rejects_another_configuration(scene_map: ValidMap) -> None:
         kwargs = {"valid_maps": [scene_map], "size": 64, "num_samples": 60, "world_size": 2, "rank": 0}
         with pytest.raises(ValueError, match=f"different configuration.*{name}"):
             RandomChipSampler(**{**kwargs, **change}).load_state_dict(state)
+    # a state saved before the fingerprint existed still resumes, saying what it could not check
+    older = {k: v for k, v in state.items() if k != "fingerprint"}
+    with pytest.warns(UserWarning, match="state has no fingerprint.*older geodino"):
+        RandomChipSampler([scene_map], size=64, num_samples=60, world_size=2, rank=0).load_state_dict(older)
 
 
 # ---------------------------------------------------------------- torch.distributed (2 gloo processes)

@@ -30,6 +30,7 @@ resumption, save ``sampler.state_dict(consumed=batches_done * batch_size)`` in t
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -150,8 +151,15 @@ class _EpochSampler(Sampler[ChipRef]):
         Raises:
             ValueError: If the state's configuration differs from this sampler's (its chips would differ).
         """
-        keys = self._config_keys
-        diff = {k: (state.get(k), getattr(self, k)) for k in keys if state.get(k) != getattr(self, k)}
+        unchecked = [k for k in self._config_keys if k not in state]
+        if unchecked:
+            warnings.warn(
+                f"the saved {type(self).__name__} state has no {', '.join(unchecked)} (saved by an older "
+                "geodino): resuming without checking it",
+                stacklevel=2,
+            )
+        keys = [k for k in self._config_keys if k in state]
+        diff = {k: (state[k], getattr(self, k)) for k in keys if state[k] != getattr(self, k)}
         if diff:
             detail = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume {type(self).__name__} with a different configuration ({detail})")
