@@ -433,13 +433,12 @@ def run_chips(args: argparse.Namespace) -> int:
 #: Commands handled by LightningCLI: geodino command -> (Lightning subcommand, module in ``geodino.train``).
 LIGHTNING_COMMANDS = {
     "fit": ("fit", "DINOv3Module"),
-    "validate": ("validate", "DINOv3Module"),
     "distill": ("fit", "DistillationModule"),
 }
 
 
 def run_lightning(argv: Sequence[str]) -> int:
-    """``geodino fit|validate|distill --config recipe.yaml ...`` through LightningCLI. A checkpoint or raster
+    """``geodino fit|distill --config recipe.yaml ...`` through LightningCLI. A checkpoint or raster
     that cannot be used (a previous stage's file missing, unreadable or of other networks; a ``ckpt_path``
     to resume from that is missing or cut short; a corpus missing or of other bands), a setting refused by
     a constructor, a run that diverged, a GPU out of memory and a Trainer setting this machine cannot run (a
