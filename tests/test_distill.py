@@ -281,8 +281,8 @@ def test_teacher_frozen_and_students_learn(teacher_file, chips) -> None:
 
 
 def test_ema_follows_formula_with_cosine_momentum(teacher_file, chips) -> None:
-    """θ_ema ← m·θ_ema + (1 − m)·θ for every student, m a half-cosine 0.5 → 1 over 2 steps."""
-    module = distiller(teacher_file, momentum={"peak": 0.5, "end": 1.0, "cosine": 2})
+    """θ_ema ← m·θ_ema + (1 − m)·θ for every student, m a half-cosine 0.5 → 1 over 3 steps."""
+    module = distiller(teacher_file, momentum={"peak": 0.5, "end": 1.0, "cosine": 3})
     momentum = [1.0 + 0.5 * (0.5 - 1.0) * (1 + math.cos(math.pi * t / 2)) for t in range(2)]  # 0.5, 0.75
     before = params_of(module.students_ema)
     assert all(torch.equal(before[k], v) for k, v in params_of(module.students).items())

@@ -15,8 +15,7 @@ def official_linear_warmup_cosine_decay(start, peak, end, warmup, total, cosine=
     """dinov3/train/cosine_lr_scheduler.py (schedules v2), as the official code builds the array."""
     linear = np.linspace(start, peak, warmup, endpoint=False)
     cosine = total - warmup if cosine is None else cosine
-    iters = np.arange(cosine)
-    cos = end + 0.5 * (peak - end) * (1 + np.cos(np.pi * iters / len(iters)))
+    cos = end + 0.5 * (peak - end) * (1 + np.cos(np.linspace(0, np.pi, cosine)))
     constant = np.full(total - warmup - cosine, end)
     return np.concatenate([linear, cos, constant])
 

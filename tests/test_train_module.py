@@ -458,7 +458,7 @@ def test_param_group_lr_and_wd_follow_schedules(chips) -> None:
     assert len(seen) == 5
     for step, groups in enumerate(seen):
         lr = 1e-3 * step / 4 if step < 4 else 1e-3
-        wd = 0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * step / 4))
+        wd = 0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * min(step, 3) / 3))  # official linspace
         names = [n for group_names, _, _ in groups for n in group_names]
         assert len(names) == len(set(names)) == sum(1 for _ in module.student.parameters())
         for group_names, group_lr, group_wd in groups:

@@ -66,15 +66,13 @@ __all__ = ["DEFAULT_DISTILLATION_SCHEDULES", "DistillationModule"]
 #: Schedules used when the matching argument is None: the official distillation recipe
 #: (``dinov3_vitl16_lvd1689m_distilled.yaml``: 20 epochs × 1250 steps) in optimisation steps. LR: half-cosine
 #: from 0 up to 5e-5 × 4·sqrt(1920 / 1024) (official ``sqrt_wrt_1024`` rule at the official global batch of
-#: 1920) over 10 epochs, then constant; EMA momentum: half-cosine 0.994 → 1.0 over the whole run. A
-#: :class:`~geodino.train.schedules.Schedule` with ``cosine=n - 1`` equals the official
-#: ``cos(linspace(0, π, n))`` of n steps exactly (its last step takes the end value), hence 12499 and 24999;
-#: set ``cosine`` to your run length minus one.
+#: 1920) over 10 epochs, then constant; EMA momentum: half-cosine 0.994 → 1.0 over the whole run (set
+#: ``cosine`` to your run length).
 DEFAULT_DISTILLATION_SCHEDULES: Mapping[str, Schedule] = MappingProxyType(
     {
-        "lr": Schedule(peak=0.0, end=5e-5 * 4 * math.sqrt(1920 / 1024), cosine=12_499),
+        "lr": Schedule(peak=0.0, end=5e-5 * 4 * math.sqrt(1920 / 1024), cosine=12_500),
         "weight_decay": Schedule(peak=0.04),
-        "momentum": Schedule(peak=0.994, end=1.0, cosine=24_999),
+        "momentum": Schedule(peak=0.994, end=1.0, cosine=25_000),
         "teacher_temp": Schedule(peak=0.07),
     }
 )

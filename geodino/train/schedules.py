@@ -2,10 +2,10 @@
 
 Every schedule is a function of the optimisation step: linear warmup from ``start`` to ``peak`` over
 ``warmup`` steps (the end point excluded, as ``numpy.linspace(..., endpoint=False)`` in the official
-``linear_warmup_cosine_decay``), then a half-cosine from ``peak`` to ``end`` over ``cosine`` steps, then
-constant ``end``. A constant-after-warmup schedule (the 7B / SAT recipe) is ``cosine=0``. Schedules are
-evaluated on the fly from the step rather than materialised as arrays, so a resumed run only needs the
-step counter.
+``linear_warmup_cosine_decay``), then a half-cosine from ``peak`` to ``end`` over ``cosine`` steps (the
+official ``cos(linspace(0, pi, cosine))``: the last of them takes ``end``), then constant ``end``. A
+constant-after-warmup schedule (the 7B / SAT recipe) is ``cosine=0``. Schedules are evaluated on the fly
+from the step rather than materialised as arrays, so a resumed run only needs the step counter.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class Schedule:
         if t < self.warmup:
             return start + (self.peak - start) * t / self.warmup
         t -= self.warmup
-        if t < self.cosine:
-            return end + 0.5 * (self.peak - end) * (1 + math.cos(math.pi * t / self.cosine))
+        if t < self.cosine:  # the official cos(linspace(0, pi, cosine)): its last step is at `end`
+            phase = t / (self.cosine - 1) if self.cosine > 1 else 0.0
+            return end + 0.5 * (self.peak - end) * (1 + math.cos(math.pi * phase))
         return end
