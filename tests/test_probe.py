@@ -180,13 +180,13 @@ def test_probe_bad_inputs_name_the_file_and_the_fix(tmp_path: Path) -> None:
     ]
     not_a_raster = tmp_path / "labels.txt"
     not_a_raster.write_text("not a raster")
-    failures += [({"labels": [str(not_a_raster)]}, rf"{not_a_raster}: cannot read the probe labels")]
+    failures += [({"labels": [str(not_a_raster)]}, rf"{not_a_raster}: cannot read raster")]
     for change, message in failures:
         probe = DenseKNNProbe(**{"images": images, "labels": labels, "window": 64, **change})
         with pytest.raises(ValueError, match=message):
             _fit(tmp_path, probe, steps=1)
     missing = DenseKNNProbe(images, [str(tmp_path / "gone.png")], window=64)
-    with pytest.raises(FileNotFoundError, match=r"gone\.png: no such probe label raster"):
+    with pytest.raises(FileNotFoundError, match=r"gone\.png: no such raster file"):
         _fit(tmp_path, missing, steps=1)
 
 

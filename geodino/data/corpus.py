@@ -356,8 +356,12 @@ def _index_raster(
         indexes = _band_indexes(src, path, settings.bands)
         nodata = _nodata_override(src, indexes, settings.nodata)
         try:
+            grid = _warped_grid(src, settings) if settings.warp else None
+        except _CRS_ERRORS as e:
+            raise _crs_error(path, src.crs, e) from e
+        try:
             sample, fill = _sample_pixels(src, indexes, nodata, n_samples, rng)
-            vrt = _open_vrt(src, _warped_grid(src, settings), settings, nodata) if settings.warp else None
+            vrt = None if grid is None else _open_vrt(src, grid, settings, nodata)
             with nullcontext(src) if vrt is None else vrt as handle:
                 alpha = _alpha_band(handle, src.count)
                 valid_map = _read_valid_map(handle, indexes, nodata, valid_map_side, alpha)
@@ -369,8 +373,6 @@ def _index_raster(
                     f"{path}: all pixels are nodata / masked (nodata {marker}); nothing to read. Check its "
                     "nodata value (nodata=, geodino index --nodata) or leave the file out"
                 )
-        except _CRS_ERRORS as e:
-            raise _crs_error(path, src.crs, e) from e
         except RasterioError as e:
             raise _read_error(path, "raster", e) from e
         whole = np.array([[0, 0, width, height]])

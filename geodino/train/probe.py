@@ -14,20 +14,20 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import rasterio
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from geodino.data import ChipRef, CorpusDataset, RasterCorpus, RasterFileError
+from geodino.data import ChipRef, CorpusDataset, RasterCorpus
+from geodino.data.corpus import _open_raster
 from geodino.models import DinoVisionTransformer, get_preset
 from geodino.train.data import PretrainDataModule
 
@@ -222,17 +222,8 @@ class DenseKNNProbe(L.Callback):
             row = corpus.index.iloc[i]
             chip = raw[ChipRef(i, Window(0, 0, int(row["width"]), int(row["height"])))]
             scaled = _scale_like_training(chip.image, row["dtype"], i, corpus, datamodule)
-            if not os.path.isfile(label_path):
-                raise FileNotFoundError(
-                    f"{label_path}: no such probe label raster; give one label raster per probe image"
-                )
-            try:
-                with warnings.catch_warnings():  # a label PNG has no geotransform
-                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    with rasterio.open(label_path) as src:
-                        labels = src.read(1)
-            except RasterioError as e:
-                raise RasterFileError(f"{label_path}: cannot read the probe labels: {e}") from e
+            with _open_raster(Path(label_path)) as src:  # missing or unreadable: the file and the fix
+                labels = src.read(1)
             if labels.shape != chip.image.shape[1:]:
                 raise ValueError(
                     f"{label_path}: labels {labels.shape} are not on the grid of {image_path} "
