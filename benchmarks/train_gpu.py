@@ -11,10 +11,12 @@ clipping, AdamW, EMA update) of :class:`geodino.train.DINOv3Module` on random cr
 per variant, each on a fresh module and a reset ``torch._dynamo``. ``first_step_s`` includes compilation.
 Model FLOPs per image come from ``torch.utils.flop_counter.FlopCounterMode`` on one eager step at ``--batch``
 (it counts the SDPA kernels; recomputation by checkpointing is not model FLOPs), and MFU = FLOPs per image x
-images/s / peak dense bf16 FLOP/s of the GPU (H100/H200 SXM: 989 TFLOP/s), also for the fp8 variant, so
-that MFU compares the variants on the same model FLOPs and peak. A variant that runs out of memory
-is reported as such and the next one runs, as is an fp8 variant where fp8 is unavailable (no torchao, or a
-GPU without fp8 tensor cores).
+images/s / peak dense bf16 FLOP/s of the GPU (H100/H200 SXM: 989 TFLOP/s, :data:`PEAK_BF16`), also for the
+fp8 variant, so that MFU compares the variants on the same model FLOPs and peak. The FLOPs are those the
+step runs: the student's residual branches only on the crops that drop-path (0.4) keeps, about 60 % of them.
+Counting every crop would give 1.51x the FLOPs per step, and so 1.51x the MFU at the same speed. A variant
+that runs out of memory is reported as such and the next one runs, as is an fp8 variant where fp8 is
+unavailable (no torchao, or a GPU without fp8 tensor cores).
 Then it times the colour operations of a step's crops on the device (``photometric_on="device"``:
 :class:`~geodino.train.PhotometricAugmentation` on the crops of the ``4 x --batch`` images of the best
 variants, with the draws of :class:`~geodino.train.MultiCropAugmentation`).
@@ -66,7 +68,16 @@ from geodino.train.augment import masked_patch_index
 from geodino.train.base import FSDP_BF16, FSDP_UNITS, clip_grad_norm
 from geodino.train.masking import sample_batch_masks
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+#: Dense bf16 tensor-core peaks by device name, the first match wins: the PCIe and NVL cards run fewer SMs
+#: or lower clocks than SXM (H100 PCIe 114 SMs, 756 TFLOP/s; H100 / H200 NVL 835 TFLOP/s, NVIDIA datasheets).
+PEAK_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
 N_LOCAL = 8
 #: Prototypes, hidden and bottleneck width of both heads (official default config) and with ``--tiny``.
 HEAD_KEYS = ("n_prototypes", "hidden_dim", "bottleneck_dim")
@@ -168,7 +179,7 @@ VARIANTS = {
 
 def peak_flops() -> float | None:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return next((v for k, v in PEAK_BF16 if k in name), None)
 
 
 def sync(device: torch.device) -> None:

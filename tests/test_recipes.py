@@ -14,8 +14,7 @@ from rasterio.windows import Window
 
 from geodino.cli import main
 from geodino.data import ChipListSampler, ChipRef
-from geodino.models import build_backbone
-from geodino.models.checkpoint import read_state_dict
+from geodino.models import load_backbone
 from geodino.train import DINOv3Module, Schedule
 from geodino.train.data import ResolutionBatchSampler
 
@@ -185,11 +184,11 @@ def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
     # the Gram stage continued stage 1's AdamW state: 3 + 3 steps
     gram_run = torch.load(tmp_path / "runs" / "gram_tiny" / "checkpoints" / "last.ckpt", weights_only=True)
     assert {float(s["step"]) for s in gram_run["optimizer_states"][0]["state"].values()} == {6.0}
-    # the last stage's teacher is an official-layout checkpoint that the backbone loader reads strictly
+    # the last stage's teacher is an official-layout checkpoint that the backbone loader reads strictly,
+    # given the recipe's backbone_overrides
     state = torch.load(exported, weights_only=True)["teacher"]
     assert any(k.startswith("backbone.blocks.1.") for k in state)
-    vit = build_backbone("dinov3_vits16.lvd1689m", depth=2, embed_dim=64, num_heads=2)
-    vit.load_state_dict(read_state_dict(exported))
+    vit = load_backbone("dinov3_vits16.lvd1689m", exported, depth=2, embed_dim=64, num_heads=2)
     torch.testing.assert_close(vit.state_dict()["norm.weight"], state["backbone.norm.weight"])
     # distillation of that teacher into two smaller students, each exported in the same layout
     assert main(["distill", "--config", str(RECIPES / "distill_tiny.yaml"), *quick]) == 0
@@ -199,7 +198,5 @@ def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
         "vit_d2_e48": {"depth": 2, "embed_dim": 48, "num_heads": 3},
     }
     for name, dims in students.items():
-        student = build_backbone("dinov3_vits16.lvd1689m", **dims)
-        student.load_state_dict(
-            read_state_dict(tmp_path / "runs" / "distill_tiny" / f"{name}_teacher_checkpoint.pth")
-        )
+        path = tmp_path / "runs" / "distill_tiny" / f"{name}_teacher_checkpoint.pth"
+        assert len(load_backbone("dinov3_vits16.lvd1689m", path, **dims).blocks) == dims["depth"]

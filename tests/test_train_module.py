@@ -566,6 +566,19 @@ def test_export_teacher_reads_with_load_backbone(tmp_path: Path) -> None:
     )
 
 
+def test_export_of_an_overridden_architecture_loads_with_its_overrides(tmp_path: Path) -> None:
+    """A tiny recipe's export (``backbone_overrides``) loads with ``load_backbone``'s same keywords."""
+    module = tiny_module()
+    perturb_teacher(module, 0)
+    path = module.export_teacher(tmp_path / "teacher.pth")
+    with pytest.raises(CheckpointError, match="does not fit preset"):
+        load_backbone(PRESET, weights=path)
+    backbone = load_backbone(PRESET, weights=path, **TINY)
+    x = torch.randn(2, 3, 32, 48)
+    want = module.teacher["backbone"].forward_features(x)["x_norm_patchtokens"]
+    assert torch.equal(backbone.forward_features(x)["x_norm_patchtokens"], want)
+
+
 def test_init_from_and_gram_from_load_previous_stage(tmp_path: Path) -> None:
     previous = tiny_module()
     perturb_teacher(previous, 1)

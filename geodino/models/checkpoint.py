@@ -14,6 +14,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +38,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not match the requested architecture."""
 
 
-def build_backbone(name: str, **overrides) -> Backbone:
+def build_backbone(name: str, **overrides: Any) -> Backbone:
     """Randomly initialised backbone of a preset's architecture (official init scheme).
 
     Args:
@@ -177,13 +178,18 @@ def describe_mismatch(
     return "\n".join(lines)
 
 
-def load_backbone(name: str, weights: str | os.PathLike, *, device: str | torch.device = "cpu") -> Backbone:
+def load_backbone(
+    name: str, weights: str | os.PathLike, *, device: str | torch.device = "cpu", **overrides: Any
+) -> Backbone:
     """Build a preset backbone and load its weights from a local file (official, timm or HF layout).
 
     Args:
         name: preset name, e.g. ``dinov3_vitl16.sat493m`` (see :func:`~geodino.models.list_presets`).
         weights: path to a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` checkpoint.
         device: where to put the model.
+        **overrides: constructor keywords replacing the preset's, as for :func:`build_backbone`: a
+            teacher exported by a run with ``backbone_overrides`` (say ``depth=2, embed_dim=64``) loads
+            with the same keywords.
 
     Returns:
         The backbone in eval mode, float32.
@@ -196,15 +202,16 @@ def load_backbone(name: str, weights: str | os.PathLike, *, device: str | torch.
     raw = read_state_dict(weights)
     try:
         fmt = detect_format(raw)
-        state_dict = to_official(raw, preset.kwargs, preset.family)
+        state_dict = to_official(raw, {**preset.kwargs, **overrides}, preset.family)
     except ValueError as err:
         raise CheckpointError(f"{weights}: {err}") from err
-    model = build_backbone(preset.name)
+    model = build_backbone(preset.name, **overrides)
     report = describe_mismatch(model, state_dict)
     if report:
         guesses = ", ".join(f"{n} ({s:.0%})" for n, s in closest_presets(state_dict))
+        changed = f" with {overrides}" if overrides else ""
         raise CheckpointError(
-            f"{weights} ({fmt} layout) does not fit preset {preset.name}:\n{report}\n"
+            f"{weights} ({fmt} layout) does not fit preset {preset.name}{changed}:\n{report}\n"
             f"  the file looks most like: {guesses}"
         )
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)

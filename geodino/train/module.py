@@ -107,7 +107,11 @@ class DINOv3Module(SSLModule):
         backbone: ViT preset name (:func:`~geodino.models.list_presets`), e.g. ``dinov3_vitl16.sat493m``.
         backbone_overrides: Constructor keywords replacing the preset's (e.g. ``{"depth": 2}``, or
             ``{"pos_embed_rope_rescale_coords": None}`` to switch RoPE rescaling off). Applies to student,
-            teacher and Gram teacher.
+            teacher and Gram teacher. The preset's RoPE runs in float32 (periods and rotation), as the
+            released backbones do at inference; the official training runs it in bf16 (its ``build_model``
+            does not pass ``pos_embed_rope_dtype`` on), which ``{"pos_embed_rope_dtype": "bf16"}``
+            reproduces. The speed is the same (``benchmarks/block_traffic.py``). An export loads with
+            :func:`~geodino.models.load_backbone` given the same keywords.
         drop_path_rate: Student sample-drop rate (the teacher and Gram teacher get none; 0.4 official 7B).
         dino_head_n_prototypes: DINO head prototypes K (official 65536; 262144 for 7B).
         dino_head_hidden_dim: DINO head MLP width (2048; 8192 for 7B).
