@@ -10,6 +10,8 @@ the rasters, or the chip store written from it (``geodino chips``) read from zar
 3. ``photometric_on="device"``: the colour operations run on the transferred batch
    (``on_after_batch_transfer``) and give the workers' batches; a batch that skipped the hook is refused.
 4. ``geodino fit --data.chips=<store> --data.photometric_on=device`` trains through LightningCLI.
+5. A run resumed with DataLoader workers trains on the uninterrupted run's batches, also from a checkpoint
+   at an epoch's end.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import geopandas as gpd
+import lightning as L
 import numpy as np
 import pytest
 import rasterio
@@ -24,6 +27,8 @@ import torch
 from affine import Affine
 from conftest import shared_path
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
 from geodino.cli import main
 from geodino.data import CorpusDataset, RandomChipSampler, RasterCorpus, make_scene, write_chip_store
@@ -207,3 +212,60 @@ def test_unscaled_corpus_nan_nodata_becomes_zero_and_integer_pixels_are_refused(
         ValueError, match=r"counts\.parquet was indexed without scaling.*uint16.*geodino index"
     ):
         PretrainDataModule(str(tmp_path / "counts.parquet"), preset="dinov3_vits16.lvd1689m").setup("fit")
+
+
+class BatchRecorder(L.LightningModule):
+    """Records (step, epoch, batch index, sum of the global crops) of every batch it trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[int, int, int, float]] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        crops = batch["collated_global_crops"].sum().item()
+        self.seen.append((self.global_step, self.current_epoch, batch_idx, crops))
+        return self.weight.sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def record_fit(chip_set: dict[str, Path], root: Path, ckpt_path: Path | None = None) -> list[tuple]:
+    """6 steps of 3 batches an epoch, one DataLoader worker, a checkpoint every step into ``root``."""
+    data = PretrainDataModule(
+        str(chip_set["corpus"]),
+        chips=str(chip_set["table"]),
+        preset="dinov3_vits16.lvd1689m",
+        batch_size=BATCH,
+        num_workers=1,
+        **SIZES,
+    )
+    every_step = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = L.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[every_step] if ckpt_path is None else [],
+        default_root_dir=root,
+    )
+    module = BatchRecorder()
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module.seen
+
+
+@pytest.mark.parametrize("step", [2, 3])
+def test_resume_with_workers_continues_mid_epoch_and_after_an_epoch_end(
+    chip_set: dict[str, Path], tmp_path: Path, step: int
+) -> None:
+    """A checkpoint after an epoch's last batch (step 3) goes on with the next epoch, not the one after.
+
+    With workers Lightning creates the epoch's iterator before it sets the sampler's epoch; the saved epoch's
+    empty remainder used to stand for the next epoch, which was skipped.
+    """
+    full = record_fit(chip_set, tmp_path / "full")
+    assert [seen[1] for seen in full] == [0, 0, 0, 1, 1, 1]
+    resumed = record_fit(chip_set, tmp_path / "resumed", ckpt_path=tmp_path / "full" / f"step={step}.ckpt")
+    assert resumed == full[step:]

@@ -390,7 +390,7 @@ class PretrainDataModule(L.LightningDataModule):
                 self.chip_set = self._chip_set(self.hparams.chips)
                 self.sampler = ChipListSampler(self.chip_set, seed=self.hparams.seed)
             if self._sampler_state is not None:
-                self.sampler.load_state_dict(self._sampler_state)
+                self._restore_sampler()
 
     def _check_scaled(self) -> None:
         """Refuses a corpus indexed without scaling whose rasters hold integers: the augmentation takes
@@ -505,4 +505,16 @@ class PretrainDataModule(L.LightningDataModule):
             )
         self._sampler_state = state_dict.get("sampler")
         if self.sampler is not None and self._sampler_state is not None:
-            self.sampler.load_state_dict(self._sampler_state)
+            self._restore_sampler()
+
+    def _restore_sampler(self) -> None:
+        """Loads the saved sampler position; a position with no whole batch left in its epoch (a checkpoint
+        at an epoch's last step) becomes the start of the next epoch.
+
+        Lightning goes on with the next epoch there, but with DataLoader workers it creates the epoch's
+        iterator before it sets the sampler's epoch: left at the saved epoch, that iterator is empty, and
+        the next epoch would be skipped.
+        """
+        self.sampler.load_state_dict(self._sampler_state)
+        if self.sampler.per_rank - self.sampler.yielded < self.hparams.batch_size:
+            self.sampler.set_epoch(self.sampler.epoch + 1)
