@@ -64,15 +64,8 @@ def chip_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def datamodule(corpus: Path, chips: Path | str, **kwargs) -> PretrainDataModule:
-    dm = PretrainDataModule(
-        str(corpus),
-        chips=str(chips),
-        preset="dinov3_vits16.lvd1689m",
-        batch_size=BATCH,
-        num_workers=0,
-        **SIZES,
-        **kwargs,
-    )
+    args = {"preset": "dinov3_vits16.lvd1689m", "batch_size": BATCH, "num_workers": 0, **SIZES, **kwargs}
+    dm = PretrainDataModule(str(corpus), chips=str(chips), **args)
     dm.setup("fit")
     return dm
 
@@ -143,6 +136,13 @@ def test_bad_chip_sets_name_the_path_and_the_fix(chip_set: dict[str, Path], tmp_
         match=r"chips\.zarr: chip table names 1 raster\(s\) not in the corpus.*RGB\.byte\.tif.*made from",
     ):
         datamodule(tmp_path / "other.parquet", chip_set["store"])
+    # an epoch without a whole batch per process would end the run at once, as if it had succeeded
+    with pytest.raises(ValueError, match=rf"chip set .*chips\.parquet \({CHIPS} chips\) gives each of the"):
+        datamodule(chip_set["corpus"], chip_set["table"], batch_size=CHIPS + 1)
+    with pytest.raises(ValueError, match=r"chips_per_epoch=3 gives .* 3 chips an epoch, fewer than"):
+        PretrainDataModule(
+            str(chip_set["corpus"]), preset="dinov3_vits16.lvd1689m", batch_size=4, chips_per_epoch=3, **SIZES
+        ).setup("fit")
 
 
 def test_fit_on_a_chip_store_with_colour_on_the_device_through_the_cli(

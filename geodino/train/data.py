@@ -389,8 +389,25 @@ class PretrainDataModule(L.LightningDataModule):
             else:
                 self.chip_set = self._chip_set(self.hparams.chips)
                 self.sampler = ChipListSampler(self.chip_set, seed=self.hparams.seed)
+            self._check_a_batch_per_rank()
             if self._sampler_state is not None:
                 self._restore_sampler()
+
+    def _check_a_batch_per_rank(self) -> None:
+        """Refuses an epoch that gives a rank fewer chips than a batch: Lightning would end the run at
+        once, successfully, with nothing trained, checkpointed or exported."""
+        sampler, batch_size = self.sampler, self.hparams.batch_size
+        if sampler.per_rank >= batch_size:
+            return
+        if self.hparams.chips is None:
+            epoch = f"chips_per_epoch={sampler.num_samples}"
+        else:
+            epoch = f"the chip set {self.hparams.chips} ({sampler.num_samples} chips)"
+        raise ValueError(
+            f"{epoch} gives each of the {sampler.world_size} processes {sampler.per_rank} chips an epoch, "
+            f"fewer than batch_size={batch_size}: no batch to train on; give at least batch_size x "
+            f"processes = {batch_size * sampler.world_size} chips an epoch, or a smaller batch_size"
+        )
 
     def _check_scaled(self) -> None:
         """Refuses a corpus indexed without scaling whose rasters hold integers: the augmentation takes
