@@ -721,37 +721,48 @@ class SaveMomentsAtStart(L.Callback):
             torch.save(state["state"], self.path)
 
 
-def continue_fit(folder: Path, ckpt_path: Path) -> None:
-    """2 CPU processes under FSDP: one step of a Gram stage that continues ``ckpt_path`` (a single-process
-    pretraining checkpoint); rank 0 writes the AdamW state it starts with to ``<folder>/moments.pt``."""
+def continue_fit(folder: Path, ckpt_path: Path, resume: bool) -> None:
+    """2 CPU processes under FSDP starting from ``ckpt_path`` (a single-process 2-step pretraining
+    checkpoint): one step of a Gram stage that continues it, or (``resume``) the run resumed from it for a
+    third step. Rank 0 writes the AdamW state it starts with to ``<folder>/moments.pt``."""
     L.seed_everything(0)
-    module = tiny_module(continue_from=str(ckpt_path), layer_decay=0.9)
+    if resume:
+        module, max_steps = tiny_module(gram=False), 3
+    else:
+        module, max_steps = tiny_module(continue_from=str(ckpt_path), layer_decay=0.9), 1
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
         strategy=CPUFSDPStrategy(),
-        max_steps=1,
+        max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[SaveMomentsAtStart(folder / "moments.pt")],
     )
-    trainer.fit(module, DataLoader([random_batch(seed) for seed in range(WORLD)], batch_size=None))
+    trainer.fit(
+        module,
+        DataLoader([random_batch(seed) for seed in range(WORLD)], batch_size=None),
+        ckpt_path=ckpt_path if resume else None,
+        weights_only=True,
+    )
 
 
 @pytest.mark.slow
-def test_fsdp_stage_continues_a_single_process_run(tmp_path: Path) -> None:
-    """``continue_from`` into a sharded run: every student parameter's AdamW moments and step count,
-    gathered back from the FSDP shards at the start, are those of the single-process pretraining checkpoint
-    (its ids count in the optimizer's order, FSDP's state is keyed by name)."""
+@pytest.mark.parametrize("how", ["continue", "resume_single"])
+def test_fsdp_stage_continues_or_resumes_a_single_process_run(tmp_path: Path, how: str) -> None:
+    """``continue_from`` into a sharded run, or a single-process run resumed under FSDP (``ckpt_path``):
+    every student parameter's AdamW moments and step count, gathered back from the FSDP shards at the start,
+    are those of the single-process pretraining checkpoint (Lightning's FSDP load reads its ids in the
+    model's order, which a plain optimizer state does not use)."""
     torch.manual_seed(0)
     batches = [random_batch(0), random_batch(1)]
     checkpoint = fit_and_save(tiny_module(gram=False), batches, tmp_path / "pretrain.ckpt")
     saved = torch.load(checkpoint, weights_only=True)["optimizer_states"][0]
     names = {pid: n for g in saved["param_groups"] for pid, n in zip(g["params"], g["names"], strict=True)}
 
-    run_script("continue", "pretrain", tmp_path, "--ckpt", checkpoint)
+    run_script(how, "pretrain", tmp_path, "--ckpt", checkpoint)
     started = torch.load(tmp_path / "moments.pt", weights_only=True)
     assert len(saved["state"]) == len(started) > 0
     for pid, moments in saved["state"].items():
@@ -857,16 +868,16 @@ def test_fsdp_bf16_mixed_computes_in_bf16_with_float32_master_weights(tmp_path: 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the 2-process CPU runs of this file's slow tests")
-    parser.add_argument("run", choices=["compare", "resume", "continue", "precision"])
+    parser.add_argument("run", choices=["compare", "resume", "continue", "resume_single", "precision"])
     parser.add_argument("mode", help="compare: ddp or fsdp; resume: pretrain or distill; precision: bf16")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--teacher", type=Path, help="resume distill: the tiny teacher file")
-    parser.add_argument("--ckpt", type=Path, help="resume, continue: the checkpoint to start from")
+    parser.add_argument("--ckpt", type=Path, help="the checkpoint to start from")
     args = parser.parse_args()
     if args.run == "compare":
         distributed_fit(args.mode, args.folder)
-    elif args.run == "continue":
-        continue_fit(args.folder, args.ckpt)
+    elif args.run in ("continue", "resume_single"):
+        continue_fit(args.folder, args.ckpt, resume=args.run == "resume_single")
     elif args.run == "precision":
         precision_fit(args.folder)
     else:

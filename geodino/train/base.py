@@ -215,11 +215,22 @@ class SSLModule(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leaves the networks of :attr:`unsaved_prefixes` out of the checkpoint."""
+        """Leaves the networks of :attr:`unsaved_prefixes` out of the checkpoint, and numbers the optimizer
+        state's parameters in the model's order, as Lightning's FSDP checkpoints do.
+
+        A plain optimizer state numbers them in the optimizer's order (the parameter groups one after the
+        other), which Lightning's FSDP load reads in the model's order: a run resumed under FSDP from a
+        single-device or DDP checkpoint gave its moments to other parameters and failed. Numbered alike, a
+        checkpoint resumes under any strategy (a plain optimizer loads the numbers as they come).
+        """
         if self.unsaved_prefixes:
             checkpoint["state_dict"] = {
                 k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self.unsaved_prefixes)
             }
+        if self._trainer is not None and not isinstance(self._trainer.strategy, FSDPStrategy):
+            states = checkpoint.get("optimizer_states", [])
+            for optimizer, state in zip(self._trainer.optimizers, states, strict=True):
+                state.update(_in_model_order(self, optimizer, state))
 
     def train(self, mode: bool = True) -> SSLModule:
         """Sets the training mode of the trained networks; :meth:`frozen_networks` always stay in eval."""
@@ -718,6 +729,22 @@ def read_teacher_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, Tensor) and not k.startswith(LOSS_BUFFER_PREFIXES)}
 
 
+def _in_model_order(
+    module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> dict[str, Any]:
+    """``state`` (``optimizer.state_dict()``: parameters numbered 0, 1, ... through the groups) with every
+    parameter numbered by its place in ``module.parameters()``."""
+    place = {id(p): i for i, p in enumerate(module.parameters())}
+    number = {
+        old: place[id(p)]
+        for old, p in enumerate(p for group in optimizer.param_groups for p in group["params"])
+    }
+    return {
+        "state": {number[k]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [number[k] for k in g["params"]]} for g in state["param_groups"]],
+    }
+
+
 class StageCheckpoint(NamedTuple):
     """What the next stage takes from a previous stage's Lightning checkpoint."""
 
@@ -731,8 +758,9 @@ def read_stage_checkpoint(path: str | os.PathLike) -> StageCheckpoint:
     read with ``torch.load(weights_only=True)``.
 
     The AdamW state is keyed by parameter name (without wrapper prefixes): each parameter group lists its
-    parameters' ids and names in the same order, whether the ids count in the optimizer's order (one
-    device, DDP) or in the model's (Lightning's FSDP checkpoints).
+    parameters' ids and names in the same order, whether the ids count in the model's order (every geodino
+    checkpoint now, see :meth:`SSLModule.on_save_checkpoint`) or in the optimizer's (earlier single-device
+    and DDP checkpoints).
 
     Raises:
         CheckpointError: Missing or unreadable file, or not a training checkpoint of a DINOv3 module (no
