@@ -445,6 +445,7 @@ def run_lightning(argv: Sequence[str]) -> int:
     GPU recipe without a GPU) are reported in one line naming the file or the steps and the fix, without a
     traceback."""
     import torch
+    from jsonargparse import lazy_instance
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
@@ -474,8 +475,12 @@ def run_lightning(argv: Sequence[str]) -> int:
                 getattr(train, module),
                 train.PretrainDataModule,
                 args=[subcommand, *argv[1:]],
-                # the chip sampler shards itself over ranks; Lightning's would shard it again
-                trainer_defaults={"use_distributed_sampler": False},
+                trainer_defaults={
+                    # the chip sampler shards itself over ranks; Lightning's would shard it again
+                    "use_distributed_sampler": False,
+                    # checkpoints whole or absent, also where $TMPDIR is on another file system
+                    "plugins": [lazy_instance(train.AtomicCheckpointIO)],
+                },
                 save_config_kwargs={"overwrite": True},
             )
         # a file or setting refused (CheckpointError and RasterFileError are ValueErrors), a diverged run

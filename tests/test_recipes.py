@@ -15,7 +15,7 @@ from rasterio.windows import Window
 from geodino.cli import main
 from geodino.data import ChipListSampler, ChipRef
 from geodino.models import load_backbone
-from geodino.train import DINOv3Module, Schedule
+from geodino.train import AtomicCheckpointIO, DINOv3Module, Schedule
 from geodino.train.data import ResolutionBatchSampler
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -200,3 +200,30 @@ def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
     for name, dims in students.items():
         path = tmp_path / "runs" / "distill_tiny" / f"{name}_teacher_checkpoint.pth"
         assert len(load_backbone("dinov3_vits16.lvd1689m", path, **dims).blocks) == dims["depth"]
+
+
+def test_checkpoints_are_whole_or_absent(tmp_path: Path, cogeo_corpus, monkeypatch) -> None:
+    """``geodino fit`` writes its checkpoints through :class:`AtomicCheckpointIO`: a save that fails half-way
+    (a job killed, a full disk) leaves the previous ``last.ckpt`` whole and no file beside it."""
+    saved, save = [], AtomicCheckpointIO.save_checkpoint
+
+    def record(self, checkpoint: dict, path: Path, storage_options=None) -> None:
+        saved.append(Path(path).name)
+        save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
+    fit = ["fit", "--config", str(RECIPES / "pretrain_tiny.yaml"), "--data.num_workers=0"]
+    assert main([*fit, "--trainer.max_steps=2"]) == 0
+    assert saved == ["last.ckpt"]
+    folder = tmp_path / "runs" / "pretrain_tiny" / "checkpoints"
+    first = (folder / "last.ckpt").read_bytes()
+
+    def cut_short(checkpoint: dict, path: Path) -> None:
+        Path(path).write_bytes(b"PK half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 4}, folder / "last.ckpt")
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    assert (folder / "last.ckpt").read_bytes() == first

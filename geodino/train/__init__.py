@@ -3,6 +3,7 @@
 from geodino.train.augment import MultiCropAugmentation, collate_multicrop
 from geodino.train.base import SSLModule
 from geodino.train.callbacks import DataWaitMonitor, ExportTeacher
+from geodino.train.checkpoint_io import AtomicCheckpointIO
 from geodino.train.data import PretrainDataModule
 from geodino.train.distill import DEFAULT_DISTILLATION_SCHEDULES, DistillationModule
 from geodino.train.heads import DINOHead
@@ -25,6 +26,7 @@ from geodino.train.schedules import Schedule
 
 __all__ = [
     "DEFAULT_DISTILLATION_SCHEDULES",
+    "AtomicCheckpointIO",
     "DINOHead",
     "DINOLoss",
     "DINOLossTerms",
