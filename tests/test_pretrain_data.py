@@ -269,3 +269,21 @@ def test_resume_with_workers_continues_mid_epoch_and_after_an_epoch_end(
     assert [seen[1] for seen in full] == [0, 0, 0, 1, 1, 1]
     resumed = record_fit(chip_set, tmp_path / "resumed", ckpt_path=tmp_path / "full" / f"step={step}.ckpt")
     assert resumed == full[step:]
+
+
+def test_resume_on_other_processes_names_the_way_on(chip_set: dict[str, Path]) -> None:
+    """A checkpoint of 2 processes resumed by 1: refused, saying how to go on (the chips would differ)."""
+    saved = datamodule(chip_set["corpus"], chip_set["table"])
+    state = {"sampler": {**saved.sampler.state_dict(), "world_size": 2}, "batches": saved._batch_config()}
+    resumed = PretrainDataModule(
+        str(chip_set["corpus"]),
+        chips=str(chip_set["table"]),
+        preset="dinov3_vits16.lvd1689m",
+        batch_size=BATCH,
+        **SIZES,
+    )
+    resumed.load_state_dict(state)
+    with pytest.raises(
+        ValueError, match=r"world_size: saved 2, now 1\); resume with .* --model.continue_from"
+    ):
+        resumed.setup("fit")

@@ -532,6 +532,12 @@ class PretrainDataModule(L.LightningDataModule):
         iterator before it sets the sampler's epoch: left at the saved epoch, that iterator is empty, and
         the next epoch would be skipped.
         """
-        self.sampler.load_state_dict(self._sampler_state)
+        try:
+            self.sampler.load_state_dict(self._sampler_state)
+        except ValueError as err:
+            raise ValueError(
+                f"{err}; resume with the saved run's processes (num_nodes x devices) and chips, or go on "
+                "from its checkpoint as a new stage with --model.continue_from (fresh chips)"
+            ) from None
         if self.sampler.per_rank - self.sampler.yielded < self.hparams.batch_size:
             self.sampler.set_epoch(self.sampler.epoch + 1)
