@@ -227,3 +227,19 @@ def test_checkpoints_are_whole_or_absent(tmp_path: Path, cogeo_corpus, monkeypat
         AtomicCheckpointIO().save_checkpoint({"global_step": 4}, folder / "last.ckpt")
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
     assert (folder / "last.ckpt").read_bytes() == first
+
+
+def test_last_checkpoint_holds_the_exported_step(tmp_path: Path, cogeo_corpus) -> None:
+    """A run whose max_steps is no multiple of the checkpoint interval: ``last.ckpt``, which the Gram stage
+    continues, holds the final step, the step of the teacher export (Lightning's stays at step 4)."""
+    every_2 = "--trainer.callbacks.init_args.every_n_train_steps=2"
+    fit = ["fit", "--config", str(RECIPES / "pretrain_tiny.yaml"), "--data.num_workers=0", every_2]
+    assert main([*fit, "--trainer.max_steps=5"]) == 0
+    run = tmp_path / "runs" / "pretrain_tiny"
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 5
+    exported = torch.load(run / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    state = last["state_dict"]
+    teacher = {k.removeprefix("teacher."): v for k, v in state.items() if k.startswith("teacher.")}
+    assert exported.keys() == teacher.keys()
+    assert all(torch.equal(exported[k], teacher[k]) for k in exported)

@@ -10,20 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 __all__ = ["DataWaitMonitor", "ExportTeacher"]
 
 
 class ExportTeacher(L.Callback):
-    """Writes the EMA teacher as an official ``teacher_checkpoint.pth`` when training ends (rank 0 writes).
+    """Writes the EMA teacher as an official ``teacher_checkpoint.pth`` when training ends (rank 0 writes),
+    and brings each ModelCheckpoint's ``last.ckpt`` to that step.
 
     With :class:`~geodino.train.distill.DistillationModule` it writes one file per student,
     ``<name>_teacher_checkpoint.pth`` beside ``path``.
 
     The file is what :func:`geodino.models.load_backbone` reads and what the next stage's ``init_from`` /
     ``gram_from`` take (see :meth:`~geodino.train.module.DINOv3Module.export_teacher`); it is written
-    atomically, so a killed run never leaves a truncated export.
+    atomically, so a killed run never leaves a truncated export. The next stage's ``continue_from`` takes
+    ``last.ckpt``: Lightning writes a final one only when the run saved no checkpoint before, so a run whose
+    ``max_steps`` is no multiple of ``every_n_train_steps`` would leave it behind the export.
 
     Args:
         path: Output file; default ``<trainer.default_root_dir>/teacher_checkpoint.pth``.
@@ -31,6 +35,12 @@ class ExportTeacher(L.Callback):
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = None if path is None else Path(path)
+        self._saved_step: int | None = None  # the step of this run's latest checkpoint
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._saved_step = checkpoint["global_step"]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.path or Path(trainer.default_root_dir) / "teacher_checkpoint.pth"
@@ -38,6 +48,10 @@ class ExportTeacher(L.Callback):
         if trainer.is_global_zero:
             for file in written if isinstance(written, list) else [written]:
                 print(f"teacher exported to {file}")
+        if self._saved_step not in (None, trainer.global_step):  # with none yet, ModelCheckpoint writes it
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.last_model_path:
+                    trainer.save_checkpoint(callback.last_model_path)  # every rank: FSDP gathers
 
 
 class DataWaitMonitor(L.Callback):
