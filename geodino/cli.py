@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -437,6 +437,18 @@ LIGHTNING_COMMANDS = {
 }
 
 
+def _newest_last_checkpoint(trainer: Any) -> Path | None:
+    """The newest ``last*.ckpt`` in the folders of the ModelCheckpoint callbacks of a parsed trainer config
+    that name their ``dirpath``: the file Lightning resumes from with ``ckpt_path="last"``. None if there
+    is none (Lightning then starts from step 0, or looks in folders it derives itself)."""
+    found = []
+    for callback in (trainer or {}).get("callbacks") or []:
+        dirpath = callback.get("init_args", {}).get("dirpath") if hasattr(callback, "get") else None
+        if str(callback.get("class_path", "")).endswith("ModelCheckpoint") and dirpath:
+            found += Path(dirpath).glob("last*.ckpt")  # Lightning's pattern: the stem starts with "last"
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def run_lightning(argv: Sequence[str]) -> int:
     """``geodino fit|distill --config recipe.yaml ...`` through LightningCLI. A checkpoint or raster
     that cannot be used (a previous stage's file missing, unreadable or of other networks; a ``ckpt_path``
@@ -463,6 +475,8 @@ def run_lightning(argv: Sequence[str]) -> int:
             run with ``--model.lr`` lowered would silently keep the old rate."""
             subcommand = self.config.get("subcommand")
             path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if path == "last":  # the file Lightning will take, if the recipe names its checkpoint folder
+                path = _newest_last_checkpoint(self.config[subcommand].get("trainer"))
             if path is not None:
                 check_resume_checkpoint(path)
 

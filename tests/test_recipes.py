@@ -162,6 +162,15 @@ def test_resume_keeps_the_command_line_settings_and_refuses_a_cut_checkpoint(
         assert main([*fit, f"--ckpt_path={path}"]) == 2
         err = capsys.readouterr().err
         assert f"geodino: error: ckpt_path {path}: {message}" in err and "Traceback" not in err
+    # ckpt_path=last is checked too: the newest last*.ckpt of the recipe's checkpoint folder, cut short
+    older = last.with_name("last-v1.ckpt")
+    last.rename(older)
+    os.utime(older, (1, 1))
+    last.write_bytes(cut.read_bytes())
+    assert main([*fit, "--ckpt_path=last"]) == 2
+    err = capsys.readouterr().err
+    named = "ckpt_path runs/pretrain_tiny/checkpoints/last.ckpt"  # the recipe's folder, as Lightning finds it
+    assert f"geodino: error: {named}: not a whole checkpoint" in err and "Traceback" not in err
 
 
 def test_tiny_stages_chain(tmp_path: Path, monkeypatch) -> None:
