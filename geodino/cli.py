@@ -443,8 +443,8 @@ def _newest_last_checkpoint(trainer: Any) -> Path | None:
     is none (Lightning then starts from step 0, or looks in folders it derives itself)."""
     found = []
     for callback in (trainer or {}).get("callbacks") or []:
-        dirpath = callback.get("init_args", {}).get("dirpath") if hasattr(callback, "get") else None
-        if str(callback.get("class_path", "")).endswith("ModelCheckpoint") and dirpath:
+        dirpath = (callback.get("init_args") or {}).get("dirpath")
+        if str(callback.get("class_path")).endswith("ModelCheckpoint") and dirpath:
             found += Path(dirpath).glob("last*.ckpt")  # Lightning's pattern: the stem starts with "last"
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 

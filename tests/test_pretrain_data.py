@@ -233,14 +233,7 @@ class BatchRecorder(L.LightningModule):
 
 def record_fit(chip_set: dict[str, Path], root: Path, ckpt_path: Path | None = None) -> list[tuple]:
     """6 steps of 3 batches an epoch, one DataLoader worker, a checkpoint every step into ``root``."""
-    data = PretrainDataModule(
-        str(chip_set["corpus"]),
-        chips=str(chip_set["table"]),
-        preset="dinov3_vits16.lvd1689m",
-        batch_size=BATCH,
-        num_workers=1,
-        **SIZES,
-    )
+    data = datamodule(chip_set["corpus"], chip_set["table"], num_workers=1)
     every_step = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=1, save_top_k=-1)
     trainer = L.Trainer(
         max_steps=6,
@@ -275,15 +268,5 @@ def test_resume_on_other_processes_names_the_way_on(chip_set: dict[str, Path]) -
     """A checkpoint of 2 processes resumed by 1: refused, saying how to go on (the chips would differ)."""
     saved = datamodule(chip_set["corpus"], chip_set["table"])
     state = {"sampler": {**saved.sampler.state_dict(), "world_size": 2}, "batches": saved._batch_config()}
-    resumed = PretrainDataModule(
-        str(chip_set["corpus"]),
-        chips=str(chip_set["table"]),
-        preset="dinov3_vits16.lvd1689m",
-        batch_size=BATCH,
-        **SIZES,
-    )
-    resumed.load_state_dict(state)
-    with pytest.raises(
-        ValueError, match=r"world_size: saved 2, now 1\); resume with .* --model.continue_from"
-    ):
-        resumed.setup("fit")
+    with pytest.raises(ValueError, match=r"world_size: saved 2, now 1\); resume with .*model.continue_from"):
+        datamodule(chip_set["corpus"], chip_set["table"]).load_state_dict(state)

@@ -13,7 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from geodino.io import atomic_output
@@ -30,10 +32,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
-        if "://" in str(path):
+        fs, local = fsspec.core.url_to_fs(str(path))
+        if not isinstance(fs, LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        path = Path(path)
+        path = Path(local)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:
             torch.save(checkpoint, tmp)
